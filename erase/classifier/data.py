@@ -49,6 +49,10 @@ class ImageTensorDataset(Dataset):
             h = w = self.pad_to
         return (c, h, w)
 
+    def head(self, n: int) -> ImageTensorDataset:
+        """The first ``n`` examples (the stored datasets are already shuffled across classes)."""
+        return ImageTensorDataset(self.images[:n], self.labels[:n], self.class_names, self.pad_to)
+
     def get_batch(self, indices) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
         x = self.images[idx].float().div_(255)

@@ -94,7 +94,7 @@ def build_model(config: ResNetConfig) -> ResNet18:
 
 def save_classifier(model: ResNet18, directory: str | Path) -> None:
     """Write ``config.json`` + ``model.safetensors`` atomically into ``directory``."""
-    from erase.io import atomic_write_json, save_safetensors
+    from erase.storage import atomic_write_json, save_safetensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def save_classifier(model: ResNet18, directory: str | Path) -> None:
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> ResNet18:
     """Load a classifier folder (or a bundled zoo name) saved by :func:`save_classifier`."""
     from erase.errors import EraseError
-    from erase.io import load_state_dict_strict, resolve_model_dir
+    from erase.storage import load_state_dict_strict, resolve_model_dir
 
     directory = resolve_model_dir(path, kind="classifier")
     cfg_file = directory / "config.json"

@@ -1,0 +1,192 @@
+"""Typed run configuration: dataclass defaults < YAML file (``--config``) < command-line flags.
+
+Three sections, each a dataclass whose fields carry their help text:
+``run`` (engine settings), the task's section (``classifier`` ...), and ``method`` (the chosen
+method's own config). OmegaConf merges and type-checks them; the resolved config is written as
+``config.yaml`` beside every output so a run can be reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from erase.errors import EraseError
+from erase.methods.base import MethodConfig, opt
+from erase.registry import get_method, list_methods
+
+
+@dataclass
+class RunConfig:
+    task: str = opt("", "classifier or diffusion (default: diffusion when --concept is given, else classifier)")
+    method: str = opt("salun", "unlearning method (see `--list-methods`)")
+    output_dir: str = opt("", "where the run writes its model, metrics and checkpoints (default: runs/<method>-<target>)")
+    seed: int = opt(0, "random seed of the run (data order, random labels, initialisation)")
+    overwrite: bool = opt(False, "replace a finished run already in --output-dir")
+    resume: bool = opt(False, "continue an interrupted run from its latest checkpoint in --output-dir")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimiser step")
+    mixed_precision: str = opt("no", "mixed precision through accelerate", ("no", "fp16", "bf16"))
+    checkpoint_every: int = opt(0, "optimiser steps between checkpoints (0: at the end of each phase only)")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    log_every: int = opt(10, "optimiser steps between log lines (log.jsonl and trackers)")
+    report_to: str = opt("none", "accelerate tracker to log to", ("none", "tensorboard", "wandb", "all"))
+    progress: bool = opt(True, "show progress bars")
+
+
+def task_registry() -> dict[str, tuple[type, type]]:
+    """Task name -> (config dataclass, task adapter class); imported lazily to keep start-up fast."""
+    from erase.classifier.task import ClassifierConfig, ClassifierTask
+
+    return {"classifier": (ClassifierConfig, ClassifierTask)}
+
+
+@dataclass
+class Resolved:
+    run: RunConfig
+    task_name: str
+    task: typing.Any
+    method_cls: type
+    method: MethodConfig
+
+    def to_dict(self) -> dict:
+        return {"run": dataclasses.asdict(self.run), self.task_name: dataclasses.asdict(self.task),
+                "method": {"name": self.method_cls.name, **dataclasses.asdict(self.method)}}
+
+    def save(self, path: Path) -> None:
+        from erase.storage import atomic_write_text
+
+        atomic_write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), path)
+
+
+# -- argparse generated from the dataclasses ------------------------------------------------------
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_fields(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, section: str,
+               skip: set[str] = frozenset()) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        t = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        kwargs = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS}
+        if t is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
+                                help=f"{help_text} (default: {default})", **kwargs)
+            continue
+        if t is dict or typing.get_origin(t) is dict:
+            kwargs["type"] = _yaml_mapping
+            metavar = "YAML"
+        else:
+            kwargs["type"] = t
+            metavar = t.__name__.upper()
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(_flag(f.name), metavar=metavar, help=f"{help_text} (default: {default!r})", **kwargs)
+
+
+def _yaml_mapping(text: str) -> dict:
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping like '{{name: 1.0}}', got {text!r}")
+    return value
+
+
+def _merge(cls: type, *layers: dict):
+    try:
+        base = OmegaConf.structured(cls)
+        merged = OmegaConf.merge(base, *[OmegaConf.create(layer) for layer in layers if layer])
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        msg = str(err).splitlines()[0]
+        raise EraseError(f"invalid {cls.__name__} setting: {msg}") from None
+
+
+def load_yaml(path: str | None) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise EraseError(f"config file not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise EraseError(f"{p}: expected a mapping with sections run / classifier / method")
+    return data
+
+
+def resolve(run_layer: dict, task_layer: dict, method_layer: dict, file_cfg: dict) -> Resolved:
+    """Merge defaults < YAML < CLI for each section and validate names."""
+    run = _merge(RunConfig, file_cfg.get("run", {}), run_layer)
+    method_name = method_layer.pop("name", None) or run.method
+    if "method" in file_cfg and "name" in file_cfg["method"] and "method" not in run_layer:
+        method_name = file_cfg["method"]["name"]
+    tasks = task_registry()
+    task_name = run.task or ("diffusion" if (task_layer.get("concept") or file_cfg.get("diffusion")) else "classifier")
+    if task_name not in tasks:
+        raise EraseError(f"unknown task {task_name!r}; choose one of: {', '.join(tasks)}")
+    run.task, run.method = task_name, method_name
+    method_cls = get_method(method_name, task_name)
+    task_cfg = _merge(tasks[task_name][0], file_cfg.get(task_name, {}), task_layer)
+    file_method = {k: v for k, v in file_cfg.get("method", {}).items() if k != "name"}
+    method_cfg = _merge(method_cls.Config, file_method, method_layer)
+    method_cfg.validate()
+    return Resolved(run, task_name, task_cfg, method_cls, method_cfg)
+
+
+def build_parser(method_name: str | None, task_name: str, prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="YAML", help="YAML file with run / <task> / method sections; flags override it")
+    parser.add_argument("--list-methods", action="store_true", help="print the registered methods for the task and exit")
+    add_fields(parser.add_argument_group("run"), RunConfig, "run")
+    tasks = task_registry()
+    for name, (cfg_cls, _) in tasks.items():
+        if name == task_name:
+            add_fields(parser.add_argument_group(f"{name} task"), cfg_cls, name)
+    if method_name:
+        cls = get_method(method_name, task_name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        group = parser.add_argument_group(f"method {cls.name}", doc or None)
+        add_fields(group, cls.Config, "method")
+    else:
+        parser.epilog = (f"methods for {task_name}: {', '.join(list_methods(task_name))}\n"
+                         "Add --method NAME to --help to see that method's own flags (lr, epochs, ...).")
+    return parser
+
+
+def parse_cli(argv: list[str] | None, prog: str = "erase/train.py", description: str = "") -> tuple[Resolved, argparse.Namespace]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
+    pre.add_argument("--task")
+    pre.add_argument("--config")
+    pre.add_argument("--concept")
+    known, _ = pre.parse_known_args(argv)
+    file_cfg = load_yaml(known.config)
+    task_name = known.task or file_cfg.get("run", {}).get("task") or ("diffusion" if known.concept else "classifier")
+    if task_name not in task_registry():
+        raise EraseError(f"unknown task {task_name!r}; choose one of: {', '.join(task_registry())}")
+    method_name = known.method or file_cfg.get("method", {}).get("name") or file_cfg.get("run", {}).get("method")
+    parser = build_parser(method_name or RunConfig.method, task_name, prog, description)
+    if method_name is None and ("-h" in (argv or []) or "--help" in (argv or [])):
+        parser = build_parser(None, task_name, prog, description)
+    ns = parser.parse_args(argv)
+    layers: dict[str, dict] = {"run": {}, task_name: {}, "method": {}}
+    for dest, value in vars(ns).items():
+        section, _, key = dest.partition(".")
+        if key:
+            layers[section][key] = value
+    if method_name and "method" not in layers["run"]:
+        layers["run"]["method"] = method_name
+    resolved = resolve(layers["run"], layers[task_name], layers["method"], file_cfg)
+    return resolved, ns

@@ -1,0 +1,58 @@
+"""Step-named checkpoints: ``checkpoints/step-000120/`` with weights, optimiser and stream state.
+
+Weights are safetensors; the optimiser state is a tensors-and-containers file read back with
+``torch.load(weights_only=True)``. A checkpoint is written into a temporary folder and renamed,
+so a crash mid-save never leaves a half checkpoint that ``--resume`` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from erase.errors import EraseError
+from erase.storage import load_state_dict_strict, save_safetensors, torch_load_safe
+
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, state: dict, keep: int = 2) -> Path:
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_safetensors(model.state_dict(), tmp / "model.safetensors")
+        torch.save({"optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EraseError(f"could not write checkpoint {final}: {err.strerror or err}") from err
+    for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
+    load_state_dict_strict(model, path / "model.safetensors")
+    optimizer.load_state_dict(torch_load_safe(path / "optimizer.pt")["optimizer"])
+    return json.loads((path / "state.json").read_text())

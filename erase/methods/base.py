@@ -1,0 +1,135 @@
+"""What a method is: a typed config, the tasks it supports, and a loss (or a closed-form edit).
+
+A method never owns a loop. The engine calls, in order:
+
+1. ``setup(ctx)`` — masks, teachers, cached embeddings; runs on the *base* weights, also when a
+   run resumes, so it must be deterministic (or cache its result under ``ctx.output_dir``);
+2. ``apply(ctx)`` — optional closed-form edit (SSD, influence updates);
+3. for each :class:`Phase` of ``phases(ctx)``: ``losses(batch, ctx)`` every step, where ``batch``
+   maps the phase's stream names to batches; the engine weights the returned terms by
+   ``config.loss_weights`` (defaults in ``default_weights``), sums, and steps the optimiser;
+4. ``finalize(ctx)`` — optional last edit (e.g. dropping a shadow class).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from erase.engine.context import RunContext
+
+
+def opt(default: Any, help: str, choices: tuple | None = None):
+    """A config field with help text (shown by ``--help``) and optional allowed values."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class MethodConfig:
+    """Knobs every method has; subclasses change defaults and add their own fields."""
+
+    epochs: float = opt(5.0, "passes over the method's main data stream (see the method's docs)")
+    max_steps: int = opt(0, "if > 0, optimiser steps to run instead of --epochs")
+    lr: float = opt(0.01, "base learning rate")
+    optimizer: str = opt("sgd", "optimiser", ("sgd", "adamw", "adam"))
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "weight decay (L2 for SGD/Adam, decoupled for AdamW)")
+    batch_size: int = opt(256, "examples per optimiser step, summed over processes")
+    lr_schedule: str = opt("constant", "learning-rate schedule", ("constant", "cosine", "linear", "onecycle", "step"))
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    max_grad_norm: float = opt(0.0, "clip the gradient norm to this value (0 = off)")
+    loss_weights: dict = opt({}, "override weights of named loss terms, e.g. {forget_ce: -1.0}")
+
+    def validate(self) -> None:
+        from erase.errors import EraseError
+
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise EraseError(f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        if self.lr < 0 or self.batch_size < 1 or self.epochs < 0:
+            raise EraseError("lr must be >= 0, batch size >= 1 and epochs >= 0")
+
+
+@dataclass
+class Phase:
+    """A stretch of optimiser steps drawing one batch per step from each named stream.
+
+    ``on_start`` runs once when the phase begins (not again when a run resumes inside it), e.g. to
+    re-initialise layers. ``lr_scale`` multiplies the scheduled learning rate.
+    """
+
+    name: str
+    steps: int
+    streams: tuple[str, ...]
+    lr_scale: float = 1.0
+    on_start: Callable[[RunContext], None] | None = None
+    train_mode: bool = True
+
+
+class Method:
+    name: ClassVar[str] = ""
+    tasks: ClassVar[tuple[str, ...]] = ()
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # Weights of the loss terms ``losses`` returns; the sign is part of the weight (GA: -1).
+    default_weights: ClassVar[dict[str, float]] = {}
+    # Streams the method reads; the engine checks the task can supply them before anything runs.
+    streams: ClassVar[tuple[str, ...]] = ()
+    # True for methods that start from freshly initialised weights (retrain).
+    from_scratch: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig):
+        config.validate()
+        self.config = config
+
+    # -- hooks -------------------------------------------------------------------------------
+    def setup(self, ctx: RunContext) -> None:
+        """Prepare masks, teachers, caches. Runs on the base weights."""
+
+    def parameter_masks(self, ctx: RunContext) -> dict[str, torch.Tensor] | None:
+        """Bool masks (True = trainable) per parameter name; None trains every parameter."""
+        return None
+
+    def apply(self, ctx: RunContext) -> None:
+        """Closed-form edit of ``ctx.model`` (optional)."""
+
+    def phases(self, ctx: RunContext) -> list[Phase]:
+        """By default: one phase over ``streams``, sized by --epochs of the first stream."""
+        if not self.streams:
+            return []
+        return [Phase("train", self.steps_for(ctx, self.streams[0]), self.streams)]
+
+    def losses(self, batch: dict[str, Any], ctx: RunContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} declares streams but no losses()")
+
+    def finalize(self, ctx: RunContext) -> None:
+        """Last edit after training (optional)."""
+
+    # -- helpers -----------------------------------------------------------------------------
+    def weights(self) -> dict[str, float]:
+        w = dict(self.default_weights)
+        unknown = set(self.config.loss_weights) - set(w)
+        if unknown:
+            from erase.errors import EraseError
+
+            raise EraseError(f"{self.name}: unknown loss term(s) {sorted(unknown)}; terms: {sorted(w)}")
+        w.update({k: float(v) for k, v in self.config.loss_weights.items()})
+        return w
+
+    def steps_for(self, ctx: RunContext, stream: str, epochs: float | None = None) -> int:
+        """Optimiser steps for ``epochs`` passes over ``stream`` (``--max-steps`` wins if set)."""
+        if self.config.max_steps > 0:
+            return self.config.max_steps
+        epochs = self.config.epochs if epochs is None else epochs
+        per_step = self.config.batch_size * ctx.grad_accum
+        return max(1, math.ceil(epochs * len(ctx.views[stream]) / per_step))

@@ -1,0 +1,27 @@
+"""ga — gradient ascent on the forget set (NegGrad): maximise the task loss on Df.
+
+Defaults follow the sparse-unlearning / SalUn code for CIFAR-10: SGD lr 1e-4, 5 epochs over Df.
+GA is unbounded: past a few epochs it destroys the model, which is why it is a baseline.
+"""
+
+from dataclasses import dataclass
+
+from erase.methods.base import Method, MethodConfig, opt
+from erase.registry import register_method
+
+
+@dataclass
+class GAConfig(MethodConfig):
+    epochs: float = opt(5.0, "epochs over the forget set")
+    lr: float = opt(1e-4, "learning rate")
+
+
+@register_method("ga")
+class GradientAscent(Method):
+    tasks = ("classifier", "diffusion")
+    Config = GAConfig
+    streams = ("forget",)
+    default_weights = {"forget_loss": -1.0}
+
+    def losses(self, batch, ctx):
+        return {"forget_loss": ctx.task.loss(ctx.model, batch["forget"])}

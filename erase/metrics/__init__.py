@@ -1,0 +1,7 @@
+"""Metrics as torchmetrics ``Metric`` classes plus the report helpers built on them."""
+
+from erase.metrics.accuracy import TopOneAccuracy
+from erase.metrics.classifier import gap_to_retrain, rte, unlearning_metrics
+from erase.metrics.mia import MIAEfficacy, mia_efficacy
+
+__all__ = ["MIAEfficacy", "TopOneAccuracy", "gap_to_retrain", "mia_efficacy", "rte", "unlearning_metrics"]

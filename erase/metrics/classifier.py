@@ -1,0 +1,48 @@
+"""The classifier unlearning metrics of DESIGN.md §4: UA, RA, TA, MIA-efficacy, gap, RTE."""
+
+from __future__ import annotations
+
+import torch
+
+from erase.metrics.accuracy import TopOneAccuracy
+from erase.metrics.mia import MIA_SETTINGS, MIAEfficacy
+
+GAP_KEYS = ("UA", "RA", "TA", "MIA")
+
+
+def unlearning_metrics(preds: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int = 0) -> dict:
+    """``preds`` maps forget/retain/test[/test_forget] to (probabilities, labels)."""
+    out = {}
+    for key, view, forget in (("UA", "forget", True), ("RA", "retain", False), ("TA", "test", False)):
+        if view not in preds:  # no forget set: a plain (pre)training run
+            continue
+        m = TopOneAccuracy(forget=forget)
+        m.update(*preds[view])
+        out[key] = round(float(m.compute()), 4)
+    if "test_forget" in preds:
+        m = TopOneAccuracy()
+        m.update(*preds["test_forget"])
+        out["forget_class_test_acc"] = round(float(m.compute()), 4)
+    if "forget" not in preds:
+        return out
+    mia = MIAEfficacy(seed=seed)
+    mia.update(*preds["retain"], split="member")
+    mia.update(*preds["test"], split="non_member")
+    mia.update(*preds["forget"], split="target")
+    out["MIA"] = round(float(mia.compute()), 4)
+    out["mia_settings"] = MIA_SETTINGS
+    return out
+
+
+def gap_to_retrain(metrics: dict, retrain: dict) -> dict:
+    """|method - retrain| per metric and their mean ("Avg. gap")."""
+    gaps = {k: abs(float(metrics[k]) - float(retrain[k])) for k in GAP_KEYS}
+    gaps["avg_gap"] = sum(gaps.values()) / len(GAP_KEYS)
+    return {k: round(v, 4) for k, v in gaps.items()}
+
+
+def rte(seconds: float, retrain_seconds: float | None) -> dict:
+    out = {"RTE_s": round(seconds, 2)}
+    if retrain_seconds:
+        out["RTE_ratio"] = round(seconds / retrain_seconds, 4)
+    return out

@@ -1,0 +1,125 @@
+"""Run one resolved configuration end to end: task -> model -> method -> engine -> outputs.
+
+Outputs (all written atomically, none into the base model's folder):
+``config.yaml`` (resolved), ``model.safetensors`` + ``config.json`` (the unlearned model),
+``metrics.json``, ``report.md``, ``log.jsonl``, ``run.json`` (timings; marks the run finished),
+``checkpoints/step-N/`` (for ``--resume``).
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from erase.config import Resolved, task_registry
+from erase.engine import LoopSettings, RunContext, run_method
+from erase.errors import EraseError
+from erase.storage import atomic_write_json, atomic_write_text
+
+RUN_OUTPUTS = ("checkpoints", "model.safetensors", "config.json", "config.yaml", "metrics.json", "report.md",
+               "log.jsonl", "run.json", "saliency_mask.safetensors", "saliency_density.md")
+
+
+def default_output_dir(r: Resolved) -> Path:
+    target = getattr(r.task, "forget", None) or getattr(r.task, "concept", "") or "run"
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in str(target)).strip("-")
+    return Path("runs") / f"{r.method_cls.name}-{safe}"
+
+
+def prepare_output_dir(out: Path, r: Resolved) -> None:
+    finished = (out / "run.json").is_file()
+    interrupted = (out / "checkpoints").is_dir() and not finished
+    base = getattr(r.task, "original", "") or getattr(r.task, "model", "")
+    if base and Path(base).expanduser().is_dir() and Path(base).expanduser().resolve() == out.resolve():
+        raise EraseError(f"--output-dir {out} is the base model's folder; erase never writes into the base model")
+    if r.run.resume:
+        if finished:
+            raise EraseError(f"{out} holds a finished run; nothing to resume (use --overwrite to redo it)")
+        return
+    if (finished or interrupted) and not r.run.overwrite:
+        what = "a finished run" if finished else "an interrupted run (continue it with --resume)"
+        raise EraseError(f"{out} already holds {what}; pass --overwrite to replace it or choose another --output-dir")
+    if r.run.overwrite:
+        for name in RUN_OUTPUTS:
+            p = out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def run(r: Resolved) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = Path(r.run.output_dir) if r.run.output_dir else default_output_dir(r)
+    r.run.output_dir = str(out)
+    prepare_output_dir(out, r)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=r.run.grad_accum,
+        mixed_precision=r.run.mixed_precision,
+        log_with=None if r.run.report_to == "none" else r.run.report_to,
+        project_dir=str(out),
+    )
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        r.save(out / "config.yaml")
+    accelerator.wait_for_everyone()
+    if r.run.report_to != "none":
+        accelerator.init_trackers("erase", config=_flat(r.to_dict()))
+    set_seed(r.run.seed)
+
+    task_cls = task_registry()[r.task_name][1]
+    task = task_cls(r.task, seed=r.run.seed)
+    method = r.method_cls(r.method)
+    model = task.build_model(from_scratch=method.from_scratch).to(accelerator.device)
+    ctx = RunContext(accelerator=accelerator, model=model, task=task, views=task.views, output_dir=out,
+                     seed=r.run.seed, grad_accum=r.run.grad_accum)
+    settings = LoopSettings(checkpoint_every=r.run.checkpoint_every, keep_checkpoints=r.run.keep_checkpoints,
+                            log_every=r.run.log_every, resume=r.run.resume, progress=r.run.progress)
+    result = run_method(method, ctx, settings)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(ctx.model)
+        task.save_model(final, out)
+        t_eval = time.perf_counter()
+        metrics = task.evaluate(final, accelerator.device)
+        metrics["eval_s"] = round(time.perf_counter() - t_eval, 2)
+        metrics["method"] = method.name
+        atomic_write_json(metrics, out / "metrics.json")
+        info = {"method": method.name, "task": r.task_name, **{k: round(v, 3) if isinstance(v, float) else v
+                                                                for k, v in result.items()},
+                "machine": machine_description(accelerator), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_text(run_report(r, metrics, info), out / "report.md")
+        atomic_write_json(info, out / "run.json")  # written last: marks the run finished
+    accelerator.end_training()
+    return out
+
+
+def machine_description(accelerator=None) -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} ({torch.cuda.device_count()} GPU)"
+    procs = f", {accelerator.num_processes} processes" if accelerator and accelerator.num_processes > 1 else ""
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads{procs}"
+
+
+def run_report(r: Resolved, metrics: dict, info: dict) -> str:
+    rows = [f"| {k} | {v} |" for k, v in metrics.items() if isinstance(v, (int, float))]
+    return "\n".join([
+        f"# {info['method']} on {r.task_name}", "",
+        f"- wall time: {info['total_s']:.1f} s (setup {info['setup_s']:.1f} s) for {info['steps']} steps on {info['machine']}",
+        "- config: `config.yaml`; training log: `log.jsonl`", "",
+        "| metric | value |", "|---|---:|", *rows, "",
+    ])
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

@@ -1,0 +1,50 @@
+"""Unlearn: ``accelerate launch erase/train.py --method salun --forget class:1 --original MODEL``.
+
+Also runs as ``python erase/train.py`` and ``python -m erase.train``. ``--help`` lists every
+flag; ``--method NAME --help`` adds that method's own flags.
+"""
+
+import sys
+
+if __name__ == "__main__" and not __package__:
+    import os
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.abspath(sys.path[0]) == _here:  # don't let erase/*.py shadow other modules
+        sys.path[0] = os.path.dirname(_here)
+
+DESCRIPTION = """Remove data (classifier) or a concept (diffusion) from a trained model.
+
+examples:
+  python -m erase.classifier.pretrain --output-dir runs/original           # train an original model
+  accelerate launch erase/train.py --method salun --forget class:1 --original runs/original
+  accelerate launch erase/train.py --method retrain --forget class:1 --original runs/original
+"""
+
+
+def main(argv=None) -> int:
+    from erase.config import parse_cli
+    from erase.registry import list_methods
+    from erase.runner import run
+
+    resolved, ns = parse_cli(argv, prog="erase/train.py", description=DESCRIPTION)
+    if ns.list_methods:
+        print("\n".join(list_methods(resolved.task_name)))
+        return 0
+    out = run(resolved)
+    from accelerate.state import PartialState
+
+    if PartialState().is_main_process:
+        print((out / "report.md").read_text())
+        print(f"outputs in {out}/")
+    return 0
+
+
+def cli() -> None:
+    from erase.cli import run_cli
+
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

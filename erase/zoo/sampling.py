@@ -1,0 +1,74 @@
+"""Sampling from the bundled generators, with classifier-free guidance.
+
+diffusers has no class-conditional pipeline with guidance for ``UNet2DModel`` (``DDPMPipeline``
+is unconditional), so :func:`sample_ddpm` is that loop: any diffusers scheduler, guidance as
+``eps_null + g * (eps_class - eps_null)`` with the null class the model was trained with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DDPM_NULL_CLASS = 10  # index of the "no class" embedding of fmnist-ddpm (labels 0-9 are the classes)
+
+
+@torch.no_grad()
+def sample_ddpm(unet, scheduler, labels, guidance: float = 2.0, steps: int = 50,
+                generator: torch.Generator | None = None, null_class: int | None = None) -> torch.Tensor:
+    """Images in [-1, 1], shape (N, C, H, W), for class ``labels`` (ints or a LongTensor).
+
+    ``null_class`` defaults to ``unet.config.num_class_embeds - 1``; ``guidance`` 1 disables guidance.
+    Noise is drawn on the CPU from ``generator`` so a seed gives the same images on every device.
+    """
+    device, dtype = unet.device, unet.dtype
+    labels = torch.as_tensor(labels, dtype=torch.long).to(device)
+    null = unet.config.num_class_embeds - 1 if null_class is None else null_class
+    c, s = unet.config.in_channels, unet.config.sample_size
+    size = (s, s) if isinstance(s, int) else tuple(s)
+    x = torch.randn((len(labels), c, *size), generator=generator).to(device, dtype) * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps, device=device)
+    guided = guidance != 1.0
+    cond = torch.cat([labels, torch.full_like(labels, null)]) if guided else labels
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        eps = unet(inp, t, class_labels=cond).sample
+        if guided:
+            eps_c, eps_u = eps.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    return x.clamp(-1, 1)
+
+
+@torch.no_grad()
+def sample_sd(pipe, prompts: list[str], guidance: float = 4.0, steps: int = 25,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images in [0, 1], shape (N, 3, H, W), from a StableDiffusionPipeline at its native size."""
+    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+               output_type="pt", return_dict=True)
+    return out.images.float().clamp(0, 1)
+
+
+def load_ddpm(path, device="cpu", dtype=torch.float32):
+    """The UNet and scheduler of a DDPM folder (``unet/`` + ``scheduler/``), e.g. ``fmnist-ddpm``."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from erase.storage import resolve_model_dir
+
+    d = resolve_model_dir(path, kind="DDPM")
+    unet = UNet2DModel.from_pretrained(d / "unet", torch_dtype=dtype).to(device).eval()
+    scheduler = DDIMScheduler.from_pretrained(d / "scheduler")
+    return unet, scheduler
+
+
+def load_tiny_sd(path="fmnist-tiny-sd", device="cpu", dtype=torch.float32):
+    """A StableDiffusionPipeline from a folder or bundled name, DDIM scheduler, no progress bar."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from erase.storage import resolve_model_dir
+
+    d = resolve_model_dir(path, kind="Stable Diffusion")
+    pipe = StableDiffusionPipeline.from_pretrained(d, torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
