@@ -57,6 +57,7 @@ def run(r: Resolved) -> Path:
     r.run.output_dir = str(out)
     prepare_output_dir(out, r)
     accelerator = Accelerator(
+        cpu=not _has_accelerator(),  # accelerate only sets up multi-process CPU (gloo) runs when told cpu=True
         gradient_accumulation_steps=r.run.grad_accum,
         mixed_precision=r.run.mixed_precision,
         log_with=None if r.run.report_to == "none" else r.run.report_to,
@@ -95,6 +96,12 @@ def run(r: Resolved) -> Path:
         atomic_write_json(info, out / "run.json")  # written last: marks the run finished
     accelerator.end_training()
     return out
+
+
+def _has_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return bool(torch.cuda.is_available() or (mps and mps.is_available()) or (xpu and xpu.is_available()))
 
 
 def machine_description(accelerator=None) -> str:

@@ -11,21 +11,25 @@ GAP_KEYS = ("UA", "RA", "TA", "MIA")
 
 
 def unlearning_metrics(preds: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int = 0) -> dict:
-    """``preds`` maps forget/retain/test[/test_forget] to (probabilities, labels)."""
+    """``preds`` maps forget/retain/test[/test_forget] to (probabilities, labels).
+
+    The predictions cover whole sets already (the main process evaluates), so the metrics do
+    not synchronise across processes.
+    """
     out = {}
     for key, view, forget in (("UA", "forget", True), ("RA", "retain", False), ("TA", "test", False)):
         if view not in preds:  # no forget set: a plain (pre)training run
             continue
-        m = TopOneAccuracy(forget=forget)
+        m = TopOneAccuracy(forget=forget, sync_on_compute=False)
         m.update(*preds[view])
         out[key] = round(float(m.compute()), 4)
     if "test_forget" in preds:
-        m = TopOneAccuracy()
+        m = TopOneAccuracy(sync_on_compute=False)
         m.update(*preds["test_forget"])
         out["forget_class_test_acc"] = round(float(m.compute()), 4)
     if "forget" not in preds:
         return out
-    mia = MIAEfficacy(seed=seed)
+    mia = MIAEfficacy(seed=seed, sync_on_compute=False)
     mia.update(*preds["retain"], split="member")
     mia.update(*preds["test"], split="non_member")
     mia.update(*preds["forget"], split="target")

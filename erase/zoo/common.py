@@ -67,6 +67,16 @@ def strip_local_paths(model_dir: str | Path) -> None:
             atomic_write_json(data, cfg)
 
 
+def prefer_float32(config_file: str | Path) -> None:
+    """Weights ship in fp16 to stay small, but transformers' default ``dtype="auto"`` would then load
+    fp16 on a CPU, where it is slow; the config's dtype says to load them as float32."""
+    data = json.loads(Path(config_file).read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in data:
+            data[key] = "float32"
+    atomic_write_json(data, config_file)
+
+
 def read_json(path: str | Path, default=None):
     path = Path(path)
     return json.loads(path.read_text()) if path.is_file() else default

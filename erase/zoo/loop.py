@@ -75,3 +75,22 @@ def run(
             save(step + 1)
     save(num_steps)
     return {"steps": num_steps, "seconds": round(timer.seconds, 1), "final_loss": smooth}
+
+
+def ema_hooks(ema, names: list[str]):
+    """``on_save``/``on_resume`` for :func:`run` that keep a diffusers ``EMAModel`` in the checkpoint
+    as ``ema.safetensors`` (tensor names = parameter names, the EMA step in the metadata)."""
+    from safetensors import safe_open
+
+    from erase.storage import save_safetensors
+
+    def on_save(ckpt: Path) -> None:
+        save_safetensors(dict(zip(names, ema.shadow_params)), ckpt / "ema.safetensors",
+                         metadata={"optimization_step": str(ema.optimization_step)})
+
+    def on_resume(ckpt: Path) -> None:
+        with safe_open(str(ckpt / "ema.safetensors"), "pt") as f:
+            ema.shadow_params = [f.get_tensor(n) for n in names]
+            ema.optimization_step = int(f.metadata()["optimization_step"])
+
+    return on_save, on_resume

@@ -55,7 +55,7 @@ def load_ddpm(path, device="cpu", dtype=torch.float32):
     from erase.storage import resolve_model_dir
 
     d = resolve_model_dir(path, kind="DDPM")
-    unet = UNet2DModel.from_pretrained(d / "unet", torch_dtype=dtype).to(device).eval()
+    unet = UNet2DModel.from_pretrained(d / "unet").to(device, dtype).eval()
     scheduler = DDIMScheduler.from_pretrained(d / "scheduler")
     return unet, scheduler
 
@@ -67,8 +67,8 @@ def load_tiny_sd(path="fmnist-tiny-sd", device="cpu", dtype=torch.float32):
     from erase.storage import resolve_model_dir
 
     d = resolve_model_dir(path, kind="Stable Diffusion")
-    pipe = StableDiffusionPipeline.from_pretrained(d, torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
+    # No dtype argument: diffusers renamed torch_dtype to dtype; the bundled configs load as float32.
+    pipe = StableDiffusionPipeline.from_pretrained(d, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device, dtype)

@@ -59,7 +59,8 @@ def build_tokenizer(bpe_path: str | Path | None = None):
     from transformers import CLIPTokenizer
 
     vocab, merges = vocab_and_merges(bpe_path)
-    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], pad_token="<|endoftext|>", model_max_length=MODEL_MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], pad_token="<|endoftext|>",
+                         model_max_length=MODEL_MAX_LENGTH)
 
 
 def save_tokenizer(directory: str | Path, bpe_path: str | Path | None = None) -> Path:

@@ -14,7 +14,9 @@ scheduler, no safety checker) that ``StableDiffusionPipeline.from_pretrained`` l
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,8 +31,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from erase.classifier.data import load_fashion_mnist
 from erase.storage import save_safetensors
 from erase.zoo import captions, loop
-from erase.zoo.common import machine, setup, strip_local_paths, to_sd_pixels, write_record
-from erase.zoo.tokenizer import build_tokenizer
+from erase.zoo.common import machine, prefer_float32, setup, strip_local_paths, to_sd_pixels, write_record
+from erase.zoo.tokenizer import build_tokenizer, save_tokenizer
 
 # SD 1.x's noise schedule, so every SD sampler and erasure recipe applies unchanged.
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -94,7 +96,7 @@ def main(argv=None) -> None:
         if not (work / "vae" / "vae" / "config.json").is_file():
             train_vae.main(["--output", str(work / "vae"), "--seed", str(args.seed), "--threads", str(args.threads)])
         args.vae = str(work / "vae" / "vae")
-    vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(args.vae).eval()
     sf = vae.config.scaling_factor
     train = load_fashion_mnist(train=True, pad_to=32)
     lat_mean, lat_std = encode_latents(vae, train, work / "latents.safetensors")
@@ -107,7 +109,7 @@ def main(argv=None) -> None:
 
     accelerator = Accelerator()
     text_encoder, unet = build_text_encoder(), build_unet()
-    noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    noise_scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=100, num_training_steps=args.steps)
@@ -133,21 +135,10 @@ def main(argv=None) -> None:
         ema.step(params)
         return loss.item()
 
-    def save_ema(ckpt: Path) -> None:
-        save_safetensors(dict(zip(names, ema.shadow_params)), ckpt / "ema.safetensors",
-                         metadata={"optimization_step": str(ema.optimization_step)})
-
-    def load_ema(ckpt: Path) -> None:
-        from safetensors import safe_open
-
-        with safe_open(str(ckpt / "ema.safetensors"), "pt") as f:
-            ema.shadow_params = [f.get_tensor(n) for n in names]
-            ema.optimization_step = int(f.metadata()["optimization_step"])
-
     text_encoder.train()
     unet.train()
     record = loop.run(accelerator, step, args.steps, work, args.checkpoint_every, "tiny-sd",
-                      on_save=save_ema, on_resume=load_ema)
+                      *loop.ema_hooks(ema, names))
     text_encoder, unet = accelerator.unwrap_model(text_encoder), accelerator.unwrap_model(unet)
     ema.copy_to(params)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
@@ -155,9 +146,14 @@ def main(argv=None) -> None:
                                    feature_extractor=None, requires_safety_checker=False)
     out = Path(args.output)
     pipe.to(dtype=torch.float16).save_pretrained(out, safe_serialization=True)
+    # vocab.json + merges.txt (1.5 MB) instead of the 3.5 MB tokenizer.json: every transformers
+    # version builds the same tokenizer from them.
+    shutil.rmtree(out / "tokenizer")
+    save_tokenizer(out / "tokenizer")
     strip_local_paths(out)
-    vae_record = __import__("json").loads((Path(args.vae).parent / "card.json").read_text()).get("vae") \
-        if (Path(args.vae).parent / "card.json").is_file() else None
+    prefer_float32(out / "text_encoder" / "config.json")
+    vae_card = Path(args.vae).parent / "card.json"
+    vae_record = json.loads(vae_card.read_text()).get("vae") if vae_card.is_file() else None
     record.update(
         recipe={k: v for k, v in vars(args).items() if k not in ("output", "work_dir", "vae", "threads")},
         params={"unet": sum(q.numel() for q in unet.parameters()),
