@@ -171,3 +171,39 @@ def test_streams_are_deterministic_and_resumable():
     r0 = Stream(DataView(data), 4, seed=3, name="x", rank=0, world_size=2).next()["label"]
     r1 = Stream(DataView(data), 4, seed=3, name="x", rank=1, world_size=2).next()["label"]
     assert sorted(r0.tolist() + r1.tolist()) == sorted(seq[0])
+
+
+class KeyedPhases(Method):
+    """Two optimisers, a per-phase float mask and a per-phase learning rate."""
+
+    name = "keyed"
+    tasks = ("classifier",)
+    streams = ("retain",)
+    default_weights = {"ce": 1.0}
+
+    def __init__(self, config, masks):
+        super().__init__(config)
+        self.masks, self.lrs = masks, []
+
+    def phases(self, ctx):
+        return [Phase("a", 2, ("retain",), optimizer="one", lr=0.2, masks=self.masks),
+                Phase("b", 2, ("retain",), optimizer="two", lr=0.1, weight_decay=0.0, schedule="linear")]
+
+    def losses(self, batch, ctx):
+        opt_lr = [g["lr"] for g in ctx.accelerator._optimizers[0 if ctx.phase == "a" else 1].param_groups]
+        self.lrs.append((ctx.phase, round(opt_lr[0], 4)))
+        return {"ce": ctx.task.loss(ctx.model, batch["retain"])}
+
+
+def test_phase_optimizers_lrs_and_float_masks(tmp_path):
+    base = toy_model()
+    masks = {n: torch.zeros_like(p) for n, p in base.named_parameters()}
+    masks["0.weight"][:5] = 0.1  # a float mask: scaled gradients on 5 rows, the rest frozen
+    ctx = make_ctx(ToyTask(), toy_model(), tmp_path)
+    m = KeyedPhases(MethodConfig(batch_size=8), masks)
+    run_method(m, ctx, LoopSettings(progress=False, checkpoint_every=1))
+    assert m.lrs == [("a", 0.2), ("a", 0.2), ("b", 0.1), ("b", 0.05)]
+    import torch as _t
+
+    saved = _t.load(tmp_path / "checkpoints" / "step-000004" / "optimizer.pt", weights_only=True)
+    assert set(saved) == {"one", "two"}

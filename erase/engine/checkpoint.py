@@ -33,14 +33,14 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizers: dict, state: dict, keep: int = 2) -> Path:
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         save_safetensors(model.state_dict(), tmp / "model.safetensors")
-        torch.save({"optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
+        torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -52,7 +52,12 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, st
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizers: dict) -> dict:
     load_state_dict_strict(model, path / "model.safetensors")
-    optimizer.load_state_dict(torch_load_safe(path / "optimizer.pt")["optimizer"])
+    saved = torch_load_safe(path / "optimizer.pt")
+    if set(saved) != set(optimizers):
+        raise EraseError(f"checkpoint {path} holds optimisers {sorted(saved)}, this run has {sorted(optimizers)}; "
+                         "was it written with other settings?")
+    for key, opt in optimizers.items():
+        opt.load_state_dict(saved[key])
     return json.loads((path / "state.json").read_text())

@@ -71,9 +71,14 @@ def run_method(method: Method, ctx: RunContext, settings: LoopSettings) -> dict:
         return {**result, **timings}
 
     weights = method.weights()
-    optimizer = build_optimizer(ctx.model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
-    model, optimizer = acc.prepare(ctx.model, optimizer)
+    model = acc.prepare(ctx.model)
     ctx.model = model
+    optimizers = {}
+    for p in phases:  # one optimiser per key, created up front so a resume can restore all of them
+        if p.optimizer not in optimizers:
+            wd = cfg.weight_decay if p.weight_decay is None else p.weight_decay
+            optimizers[p.optimizer] = acc.prepare(
+                build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, wd))
     streams = {
         name: Stream(ctx.views[name], cfg.batch_size, ctx.seed, name, acc.process_index, acc.num_processes)
         for name in sorted({s for p in phases for s in p.streams})
@@ -81,7 +86,7 @@ def run_method(method: Method, ctx: RunContext, settings: LoopSettings) -> dict:
 
     start = 0
     if settings.resume and (ck := latest_checkpoint(ckpt_root)) is not None:
-        state = load_checkpoint(ck, acc.unwrap_model(model), optimizer)
+        state = load_checkpoint(ck, acc.unwrap_model(model), optimizers)
         start = int(state["step"])
         for name, s in state.get("streams", {}).items():
             if name in streams:
@@ -94,7 +99,7 @@ def run_method(method: Method, ctx: RunContext, settings: LoopSettings) -> dict:
         nonlocal last_good
         acc.wait_for_everyone()
         if acc.is_main_process:
-            path = save_checkpoint(ckpt_root, step, acc.unwrap_model(model), optimizer,
+            path = save_checkpoint(ckpt_root, step, acc.unwrap_model(model), optimizers,
                                    {"streams": {n: s.state_dict() for n, s in streams.items()},
                                     "method_state": _jsonable(ctx.state)}, settings.keep_checkpoints)
             last_good = str(path)
@@ -112,12 +117,23 @@ def run_method(method: Method, ctx: RunContext, settings: LoopSettings) -> dict:
                 continue
             ctx.phase = phase.name
             model.train(phase.train_mode)
-            for i in range(max(start - phase_start, 0), phase.steps):
+            optimizer = optimizers[phase.optimizer]
+            first = max(start - phase_start, 0)
+            if first == 0 and phase.on_start is not None:
+                ctx.global_step = phase_start
+                torch.manual_seed(_step_seed(ctx.seed, phase_start, -1, acc.process_index))
+                phase.on_start(ctx)
+            step_mask = masker
+            if phase.masks is not None:
+                step_mask = ParameterMask(acc.unwrap_model(model), phase.masks)
+            base_lr = (cfg.lr if phase.lr is None else phase.lr) * phase.lr_scale
+            for i in range(first, phase.steps):
                 global_step = phase_start + i
                 ctx.global_step = global_step
-                if i == 0 and phase.on_start is not None:
-                    phase.on_start(ctx)
-                lr = cfg.lr * phase.lr_scale * lr_factor(cfg.lr_schedule, global_step, total, cfg.warmup_steps)
+                if phase.schedule:
+                    lr = base_lr * lr_factor(phase.schedule, i, phase.steps)
+                else:
+                    lr = base_lr * lr_factor(cfg.lr_schedule, global_step, total, cfg.warmup_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 logged: dict[str, float] = {}
@@ -138,13 +154,13 @@ def run_method(method: Method, ctx: RunContext, settings: LoopSettings) -> dict:
                                 "Lower --lr or add --max-grad-norm, then rerun with --resume.")
                         acc.backward(loss)
                         if acc.sync_gradients:
-                            if masker is not None:
-                                masker.mask_grads()
+                            if step_mask is not None:
+                                step_mask.mask_grads()
                             if cfg.max_grad_norm > 0:
                                 acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                         optimizer.step()
-                        if acc.sync_gradients and masker is not None:
-                            masker.restore()
+                        if acc.sync_gradients and step_mask is not None:
+                            step_mask.restore()
                         optimizer.zero_grad(set_to_none=True)
                     for k, v in terms.items():
                         logged[k] = logged.get(k, 0.0) + float(v.detach()) / ctx.grad_accum
@@ -161,6 +177,8 @@ def run_method(method: Method, ctx: RunContext, settings: LoopSettings) -> dict:
                             f.write(json.dumps(record) + "\n")
                 if (settings.checkpoint_every and done % settings.checkpoint_every == 0) or i == phase.steps - 1:
                     checkpoint(done)
+            if phase.masks is not None:
+                step_mask.release()
     finally:
         bar.close()
     timings["train_s"] = time.perf_counter() - t_train

@@ -2,8 +2,11 @@
 
 Zeroing gradients is not enough: weight decay (AdamW, or SGD's L2 term) and momentum keep moving
 coordinates whose gradient is zero. So after every step the masked-out coordinates are copied back
-from their original values. Parameters with no trainable coordinate are excluded from the
-optimiser altogether (``requires_grad=False``), so only partially masked tensors pay for a copy.
+from their values when the mask was installed. Parameters with no trainable coordinate are frozen
+(``requires_grad=False``) while the mask is active, so only partially masked tensors pay for a copy.
+
+Masks are bool (True = trainable) or float: a float mask scales the gradient per coordinate
+(soft saliency, "1/10 lr for kept weights"), and its zeros are frozen exactly like False.
 """
 
 from __future__ import annotations
@@ -13,32 +16,45 @@ from torch import nn
 
 
 class ParameterMask:
-    """``masks`` maps parameter names to bool tensors (True = trainable) of the parameter's shape."""
+    """``masks`` maps parameter names to bool or float tensors of the parameter's shape."""
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
         params = dict(model.named_parameters())
         unknown = sorted(set(masks) - set(params))
         if unknown:
             raise ValueError(f"mask names parameters the model does not have, e.g. {unknown[0]}")
-        self._entries: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        self._entries: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+        self._frozen: list[tuple[nn.Parameter, bool]] = []
         for name, m in masks.items():
             p = params[name]
             if m.shape != p.shape:
                 raise ValueError(f"mask for {name} has shape {tuple(m.shape)}, parameter has {tuple(p.shape)}")
-            m = m.to(device=p.device, dtype=torch.bool)
-            if not m.any():
+            m = m.to(p.device)
+            keep = m if m.dtype == torch.bool else m != 0
+            scale = None if m.dtype == torch.bool else m.to(p.dtype)
+            if not keep.any():
+                self._frozen.append((p, p.requires_grad))
                 p.requires_grad_(False)
-            elif not m.all():
-                self._entries.append((p, m, p.detach().clone()))
+            elif not keep.all():
+                self._entries.append((p, keep, p.detach().clone(), scale))
+            elif scale is not None:
+                self._entries.append((p, keep, None, scale))
 
     @torch.no_grad()
     def mask_grads(self) -> None:
-        """Zero gradients of frozen coordinates (so clipping norms only see trainable ones)."""
-        for p, m, _ in self._entries:
+        """Zero (or scale) gradients of masked coordinates, so clipping norms only see trainable ones."""
+        for p, keep, _, scale in self._entries:
             if p.grad is not None:
-                p.grad.mul_(m)
+                p.grad.mul_(scale if scale is not None else keep)
 
     @torch.no_grad()
     def restore(self) -> None:
-        for p, m, frozen in self._entries:
-            p.copy_(torch.where(m, p, frozen))
+        for p, keep, frozen, _ in self._entries:
+            if frozen is not None:
+                p.copy_(torch.where(keep, p, frozen))
+
+    def release(self) -> None:
+        """Undo the freezing of fully masked tensors (when a phase with its own mask ends)."""
+        for p, flag in self._frozen:
+            p.requires_grad_(flag)
+        self._frozen, self._entries = [], []

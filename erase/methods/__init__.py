@@ -1,3 +1,8 @@
-"""Built-in methods: importing this package registers each one-file method."""
+"""Built-in methods: every module in this package is one method file and registers itself on import."""
 
-from erase.methods import ft, ga, retrain, rl, salun  # noqa: F401
+import importlib
+import pkgutil
+
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")

@@ -66,7 +66,12 @@ class Phase:
     """A stretch of optimiser steps drawing one batch per step from each named stream.
 
     ``on_start`` runs once when the phase begins (not again when a run resumes inside it), e.g. to
-    re-initialise layers. ``lr_scale`` multiplies the scheduled learning rate.
+    re-initialise layers; it runs under the step's seed, so its randomness is reproducible.
+    ``lr`` replaces the method's base learning rate and ``lr_scale`` multiplies it; ``schedule``
+    gives the phase its own learning-rate schedule over its own steps (default: the method's
+    schedule over the whole run). Phases naming the same ``optimizer`` share its state (momentum);
+    a new name gets a fresh optimiser with this phase's ``weight_decay``. ``masks`` replaces the
+    method's parameter masks while the phase runs (bool or float, see ``ParameterMask``).
     """
 
     name: str
@@ -75,6 +80,11 @@ class Phase:
     lr_scale: float = 1.0
     on_start: Callable[[RunContext], None] | None = None
     train_mode: bool = True
+    lr: float | None = None
+    schedule: str | None = None
+    optimizer: str = "main"
+    weight_decay: float | None = None
+    masks: dict | None = None
 
 
 class Method:
