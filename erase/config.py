@@ -43,8 +43,9 @@ class RunConfig:
 def task_registry() -> dict[str, tuple[type, type]]:
     """Task name -> (config dataclass, task adapter class); imported lazily to keep start-up fast."""
     from erase.classifier.task import ClassifierConfig, ClassifierTask
+    from erase.diffusion.task import DiffusionConfig, DiffusionTask
 
-    return {"classifier": (ClassifierConfig, ClassifierTask)}
+    return {"classifier": (ClassifierConfig, ClassifierTask), "diffusion": (DiffusionConfig, DiffusionTask)}
 
 
 @dataclass
@@ -139,7 +140,8 @@ def resolve(run_layer: dict, task_layer: dict, method_layer: dict, file_cfg: dic
     method_cls = get_method(method_name, task_name)
     task_cfg = _merge(tasks[task_name][0], file_cfg.get(task_name, {}), task_layer)
     file_method = {k: v for k, v in file_cfg.get("method", {}).items() if k != "name"}
-    method_cfg = _merge(method_cls.Config, file_method, method_layer)
+    # Layers: the method's defaults < its defaults for this task < the YAML file < command-line flags.
+    method_cfg = _merge(method_cls.Config, method_cls.task_defaults.get(task_name, {}), file_method, method_layer)
     method_cfg.validate()
     return Resolved(run, task_name, task_cfg, method_cls, method_cfg)
 

@@ -18,10 +18,11 @@ import torch
 from erase.config import Resolved, task_registry
 from erase.engine import LoopSettings, RunContext, run_method
 from erase.errors import EraseError
-from erase.storage import atomic_write_json, atomic_write_text
+from erase.storage import ZOO_DIR, atomic_write_json, atomic_write_text
 
 RUN_OUTPUTS = ("checkpoints", "model.safetensors", "config.json", "config.yaml", "metrics.json", "report.md",
-               "log.jsonl", "run.json", "saliency_mask.safetensors", "saliency_density.md")
+               "log.jsonl", "run.json", "saliency_mask.safetensors", "saliency_density.md", "model", "delta.safetensors",
+               "grid.png", "README.md")
 
 
 def default_output_dir(r: Resolved) -> Path:
@@ -34,8 +35,10 @@ def prepare_output_dir(out: Path, r: Resolved) -> None:
     finished = (out / "run.json").is_file()
     interrupted = (out / "checkpoints").is_dir() and not finished
     base = getattr(r.task, "original", "") or getattr(r.task, "model", "")
-    if base and Path(base).expanduser().is_dir() and Path(base).expanduser().resolve() == out.resolve():
-        raise EraseError(f"--output-dir {out} is the base model's folder; erase never writes into the base model")
+    for folder in (Path(base).expanduser(), ZOO_DIR / base) if base else ():
+        if folder.is_dir() and (out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents):
+            raise EraseError(f"--output-dir {out} is inside the base model's folder {folder}; "
+                             "erase never writes into the base model")
     if r.run.resume:
         if finished:
             raise EraseError(f"{out} holds a finished run; nothing to resume (use --overwrite to redo it)")
@@ -72,9 +75,12 @@ def run(r: Resolved) -> Path:
     set_seed(r.run.seed)
 
     task_cls = task_registry()[r.task_name][1]
-    task = task_cls(r.task, seed=r.run.seed)
+    task = task_cls(r.task, seed=r.run.seed, device=accelerator.device)
     method = r.method_cls(r.method)
+    method.check_task(task)
     model = task.build_model(from_scratch=method.from_scratch).to(accelerator.device)
+    if hasattr(task, "before_training") and accelerator.is_main_process:
+        task.before_training(model, out)  # e.g. the base model's images for the before/after grid
     ctx = RunContext(accelerator=accelerator, model=model, task=task, views=task.views, output_dir=out,
                      seed=r.run.seed, grad_accum=r.run.grad_accum)
     settings = LoopSettings(checkpoint_every=r.run.checkpoint_every, keep_checkpoints=r.run.keep_checkpoints,
@@ -93,6 +99,8 @@ def run(r: Resolved) -> Path:
                                                                 for k, v in result.items()},
                 "machine": machine_description(accelerator), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_write_text(run_report(r, metrics, info), out / "report.md")
+        if hasattr(task, "write_artifacts"):
+            task.write_artifacts(out, r.to_dict(), metrics, info)
         atomic_write_json(info, out / "run.json")  # written last: marks the run finished
     accelerator.end_training()
     return out

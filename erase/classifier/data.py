@@ -149,7 +149,8 @@ DATASETS = {
     "fashion-mnist": lambda train, root, download, **kw: load_fashion_mnist(train, root, download, kw.get("pad_to")),
     "cifar10": lambda train, root, download, **kw: _load_cifar("CIFAR10", train, root, download),
     "cifar100": lambda train, root, download, **kw: _load_cifar("CIFAR100", train, root, download),
-    "face-age": lambda train, root, download, **kw: load_utkface(train, root, **{k: v for k, v in kw.items() if k in ("age_bins", "image_size")}),
+    "face-age": lambda train, root, download, **kw: load_utkface(
+        train, root, **{k: v for k, v in kw.items() if k in ("age_bins", "image_size")}),
 }
 
 # Means/stds of the training images, stored inside every model (see models.py).

@@ -40,7 +40,7 @@ class ClassifierConfig:
 class ClassifierTask:
     name = "classifier"
 
-    def __init__(self, cfg: ClassifierConfig, seed: int = 0):
+    def __init__(self, cfg: ClassifierConfig, seed: int = 0, device=None):
         self.cfg = cfg
         kw = {"pad_to": cfg.pad_to or None}
         self.train_set = load_dataset(cfg.dataset, True, cfg.data_root or None, cfg.download, **kw)

@@ -97,12 +97,17 @@ class Method:
     streams: ClassVar[tuple[str, ...]] = ()
     # True for methods that start from freshly initialised weights (retrain).
     from_scratch: ClassVar[bool] = False
+    # Config defaults that differ by task, e.g. {"diffusion": {"optimizer": "adam", "lr": 1e-5}}.
+    task_defaults: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, config: MethodConfig):
         config.validate()
         self.config = config
 
     # -- hooks -------------------------------------------------------------------------------
+    def check_task(self, task) -> None:
+        """Reject a task this method cannot serve, before any expensive work (raise EraseError)."""
+
     def setup(self, ctx: RunContext) -> None:
         """Prepare masks, teachers, caches. Runs on the base weights."""
 

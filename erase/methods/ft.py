@@ -18,6 +18,8 @@ class FTConfig(MethodConfig):
 @register_method("ft")
 class FineTune(Method):
     tasks = ("classifier", "diffusion")
+    # SalUn's Stable Diffusion code: Adam, lr 1e-5, batch 8, no weight decay.
+    task_defaults = {"diffusion": {"optimizer": "adam", "lr": 1e-5, "weight_decay": 0.0, "batch_size": 8, "epochs": 5.0}}
     Config = FTConfig
     streams = ("retain",)
     default_weights = {"retain_loss": 1.0}

@@ -19,6 +19,8 @@ class GAConfig(MethodConfig):
 @register_method("ga")
 class GradientAscent(Method):
     tasks = ("classifier", "diffusion")
+    # SalUn's Stable Diffusion code: Adam, lr 1e-5, batch 8, no weight decay.
+    task_defaults = {"diffusion": {"optimizer": "adam", "lr": 1e-5, "weight_decay": 0.0, "batch_size": 8, "epochs": 5.0}}
     Config = GAConfig
     streams = ("forget",)
     default_weights = {"forget_loss": -1.0}

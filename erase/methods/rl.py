@@ -28,6 +28,8 @@ class RLConfig(MethodConfig):
 @register_method("rl")
 class RandomLabel(Method):
     tasks = ("classifier", "diffusion")
+    # SalUn's Stable Diffusion code: Adam, lr 1e-5, batch 8, no weight decay.
+    task_defaults = {"diffusion": {"optimizer": "adam", "lr": 1e-5, "weight_decay": 0.0, "batch_size": 8, "epochs": 5.0}}
     Config = RLConfig
     streams = ("forget", "retain")
     default_weights = {"forget_relabeled": 1.0, "retain_loss": 1.0}

@@ -1,0 +1,658 @@
+"""Side-by-side classifier unlearning benchmark: every registered method against retrain.
+
+    python -m erase.bench.classifier            # the full table (Fashion-MNIST subset, 3 seeds)
+    python -m erase.bench.classifier --quick    # a smaller, untuned preview (<= 10 min on 2 cores)
+    python -m erase.bench.classifier --methods ft,salun --seeds 3 --width 8
+
+Protocol (all of it is written into the report):
+
+- one **original model** per setup (dataset subset, width, epochs): the ``retrain`` recipe with
+  nothing forgotten; every method of every scenario and seed starts from it;
+- **scenarios**: 10 % random forgetting (``random:0.1``; seed s draws forget set s) and one-class
+  forgetting (``class:1``); per seed, ``retrain`` from scratch on the retain set is the reference
+  (gaps and RTE ratios compare a method with the retrain of the same scenario and seed);
+- **budget rule** (the same for every method): each method runs its documented default number of
+  epochs times ``--epoch-scale`` (the papers' defaults assume CIFAR-10 with a 160-182-epoch retrain;
+  here retrain runs ``--epochs`` epochs) and tries the same ``k = len(--lr-grid)`` learning rates
+  (its default times each multiplier) once, on seed 0 of a **validation forget set** (random: forget
+  set #1000; class: ``--val-class``) against a retrain on that set; the learning rate with the
+  smallest average gap is then run on every seed. A method that trains no step (closed form) is run
+  once: its learning rate does nothing;
+- every run is its own folder under ``--out-dir``; finished runs are skipped when the benchmark is
+  rerun (resume), failed runs are recorded with their error and skipped (``--retry-failed``).
+
+Outputs: ``<results>.json`` (every run's metrics, costs and paths), ``<results>.md`` and
+``<results>_gaps.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from erase.bench.common import (
+    METRIC_KEYS,
+    cache_datasets,
+    describe_machine,
+    fmt_duration,
+    fmt_pm,
+    loadavg,
+    machine_info,
+    mean_std,
+    read_run,
+    run_once,
+    set_threads,
+    short_hash,
+)
+
+REFERENCE = "retrain"
+SKIP_METHODS = {"retrain"}  # the reference itself is not a row to tune
+
+
+@dataclass
+class BenchSettings:
+    dataset: str = "fashion-mnist"
+    width: int = 8
+    limit_train: int = 10000
+    limit_test: int = 5000
+    eval_max_retain: int = 5000
+    epochs: float = 10.0
+    seeds: int = 3
+    scenarios: list[str] = field(default_factory=lambda: ["random:0.1", "class:1"])
+    val_class: int = 8
+    val_split_seed: int = 1000
+    epoch_scale: float = 0.1
+    lr_grid: list[float] = field(default_factory=lambda: [1 / 3, 1.0, 3.0])
+    methods: list[str] | None = None
+    overrides: dict = field(default_factory=dict)
+    out_dir: str = "runs/bench/classifier"
+    results: str = "results/classifier_fmnist"
+    threads: int = 2
+    retry_failed: bool = False
+    report_only: bool = False
+    quick: bool = False
+
+    def tag(self) -> str:
+        ds = self.dataset.replace("fashion-mnist", "fmnist")
+        return f"{ds}-w{self.width}-n{self.limit_train}-t{self.limit_test}-r{self.eval_max_retain}-e{self.epochs:g}"
+
+
+QUICK = {"limit_train": 4000, "limit_test": 2000, "eval_max_retain": 2000, "epochs": 8.0, "seeds": 2,
+         "lr_grid": [1.0], "epoch_scale": 0.1, "results": "results/classifier_fmnist_quick"}
+
+
+# -- plan ----------------------------------------------------------------------------------------
+
+def slug(spec: str) -> str:
+    return spec.replace(":", "-").replace(",", "_")
+
+
+def task_layer(s: BenchSettings, forget: str, split_seed: int = 0, original: str = "") -> dict:
+    layer = {"dataset": s.dataset, "forget": forget, "split_seed": split_seed, "width": s.width,
+             "limit_train": s.limit_train, "limit_test": s.limit_test, "eval_max_retain": s.eval_max_retain}
+    if original:
+        layer["original"] = original
+    return layer
+
+
+def seed_forget(s: BenchSettings, scenario: str, seed: int) -> tuple[str, int]:
+    """(forget spec, split seed) of a scenario at a seed: random sets differ per seed, a class does not."""
+    return (scenario, seed) if scenario.startswith("random") else (scenario, 0)
+
+
+def val_forget(s: BenchSettings, scenario: str) -> tuple[str, int]:
+    if scenario.startswith("random"):
+        return scenario, s.val_split_seed
+    return f"class:{s.val_class}", 0
+
+
+def method_layer(name: str, s: BenchSettings, lr_mult: float) -> dict:
+    from erase.registry import get_method
+
+    cfg = get_method(name, "classifier").Config()
+    layer = {"epochs": round(cfg.epochs * s.epoch_scale, 6), "lr": float(f"{cfg.lr * lr_mult:.6g}")}
+    layer.update(s.overrides.get(name, {}))
+    return layer
+
+
+def registered_methods(s: BenchSettings) -> list[str]:
+    from erase.registry import list_methods
+
+    names = [m for m in list_methods("classifier") if m not in SKIP_METHODS]
+    if s.methods:
+        unknown = [m for m in s.methods if m not in names]
+        if unknown:
+            from erase.errors import EraseError
+
+            raise EraseError(f"unknown classifier method(s) {unknown}; registered: {', '.join(names)}")
+        names = [m for m in names if m in s.methods]
+    return names
+
+
+# -- running -------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, s: BenchSettings):
+        self.s = s
+        self.root = Path(s.out_dir) / s.tag()
+        self.t0 = time.perf_counter()
+        self.log_lines: list[str] = []
+        self.n_new = 0
+
+    def log(self, msg: str) -> None:
+        line = f"[{time.perf_counter() - self.t0:7.0f}s] {msg}"
+        print(line, flush=True)
+
+    def run(self, out: Path, method: str, task: dict, mlayer: dict, seed: int, label: str) -> dict:
+        rec = run_once(out, method, task, mlayer, seed, retry_failed=self.s.retry_failed, dry=self.s.report_only)
+        if rec["status"] == "done":
+            r = rec["run"]
+            m = rec["metrics"]
+            cost = f"{r['total_s']:.1f}s unlearn, {r['steps']} steps"
+            if "bench" in rec:
+                cost += f", {rec['bench']['wall_s']:.1f}s wall"
+            gaps = " ".join(f"{k}={m[k]:.1f}" for k in METRIC_KEYS if k in m)
+            self.log(f"{label}: {'cached' if rec.get('cached') else 'done'} ({cost}) {gaps}")
+            if not rec.get("cached"):
+                self.n_new += 1
+        elif rec["status"] == "failed":
+            self.log(f"{label}: FAILED {rec.get('error', '')[:200]}")
+        else:
+            self.log(f"{label}: missing")
+        return rec
+
+    def original(self) -> dict:
+        out = self.root / "original"
+        task = task_layer(self.s, "none")
+        return self.run(out, REFERENCE, task, {"epochs": self.s.epochs}, 0, "original")
+
+    def original_eval(self, scenario: str, seed: int, original: str) -> dict | None:
+        """The original model's metrics on a scenario's split (the "do nothing" row)."""
+        from erase.classifier.task import ClassifierConfig, ClassifierTask
+
+        out = self.root / slug(scenario) / "original-eval" / f"seed{seed}.json"
+        if out.is_file():
+            return json.loads(out.read_text())
+        if self.s.report_only:
+            return None
+        forget, split_seed = seed_forget(self.s, scenario, seed)
+        cfg = ClassifierConfig(**task_layer(self.s, forget, split_seed, original))
+        task = ClassifierTask(cfg, seed=seed)
+        model = task.build_model(from_scratch=False)
+        metrics = task.evaluate(model, "cpu")
+        from erase.storage import atomic_write_json
+
+        atomic_write_json(metrics, out)
+        return metrics
+
+    def execute(self) -> dict:
+        s = self.s
+        set_threads(s.threads)
+        cache_datasets()
+        methods = registered_methods(s)
+        self.log(f"setup {s.tag()}; methods ({len(methods)}): {', '.join(methods)}; load {loadavg()}")
+        orig = self.original()
+        if orig["status"] != "done":
+            return self.report({}, methods, orig)
+        original = orig["path"]
+        scen_results = {}
+        for scenario in s.scenarios:
+            scen_results[scenario] = self.scenario(scenario, methods, original)
+            self.report(scen_results, methods, orig)  # partial results after each scenario
+        return self.report(scen_results, methods, orig)
+
+    def scenario(self, scenario: str, methods: list[str], original: str) -> dict:
+        s = self.s
+        sdir = self.root / slug(scenario)
+        res = {"retrain": [], "original": [], "val_retrain": None, "methods": {}}
+        # references first: the validation retrain and one retrain per seed
+        vforget, vseed = val_forget(s, scenario)
+        res["val_retrain"] = self.run(sdir / "val" / "retrain", REFERENCE, task_layer(s, vforget, vseed, original),
+                                      {"epochs": s.epochs}, 0, f"{scenario} val retrain ({vforget}#{vseed})")
+        for seed in range(s.seeds):
+            forget, split_seed = seed_forget(s, scenario, seed)
+            res["retrain"].append(self.run(sdir / "retrain" / f"seed{seed}", REFERENCE,
+                                           task_layer(s, forget, split_seed, original), {"epochs": s.epochs}, seed,
+                                           f"{scenario} retrain seed {seed}"))
+            res["original"].append(self.original_eval(scenario, seed, original))
+        for name in methods:
+            res["methods"][name] = self.method(scenario, name, original, res)
+        return res
+
+    def method(self, scenario: str, name: str, original: str, res: dict) -> dict:
+        from erase.metrics.classifier import gap_to_retrain
+
+        s = self.s
+        sdir = self.root / slug(scenario)
+        vforget, vseed = val_forget(s, scenario)
+        vret = res["val_retrain"]
+        tuning = []
+        for mult in sorted(s.lr_grid, key=lambda m: (m != 1.0, m)):  # the default first
+            layer = method_layer(name, s, mult)
+            out = sdir / "val" / name / short_hash(layer)
+            rec = self.run(out, name, task_layer(s, vforget, vseed, original), layer, 0,
+                           f"{scenario} tune {name} lr={layer['lr']:g}")
+            row = {"lr_mult": mult, "method_config": layer, "status": rec["status"], "path": rec["path"]}
+            if rec["status"] == "done":
+                row["steps"] = rec["run"]["steps"]
+                row["total_s"] = rec["run"]["total_s"]
+                if vret["status"] == "done":
+                    row["val_avg_gap"] = gap_to_retrain(rec["metrics"], vret["metrics"])["avg_gap"]
+            else:
+                row["error"] = rec.get("error")
+            tuning.append(row)
+            if rec["status"] == "done" and rec["run"]["steps"] == 0:
+                break  # closed form: the learning rate changes nothing
+        done = [t for t in tuning if t.get("val_avg_gap") is not None]
+        if not done:
+            failed = [t for t in tuning if t["status"] == "failed"]
+            return {"status": "failed" if failed else "missing", "tuning": tuning,
+                    "error": failed[0].get("error") if failed else None, "seeds": []}
+        best = min(done, key=lambda t: (t["val_avg_gap"], t["lr_mult"]))
+        layer = best["method_config"]
+        seeds = []
+        for seed in range(s.seeds):
+            forget, split_seed = seed_forget(s, scenario, seed)
+            out = sdir / name / short_hash(layer) / f"seed{seed}"
+            rec = self.run(out, name, task_layer(s, forget, split_seed, original), layer, seed,
+                           f"{scenario} {name} seed {seed}")
+            seeds.append(rec)
+        return {"status": "done", "tuning": tuning, "chosen": layer, "chosen_lr_mult": best["lr_mult"], "seeds": seeds}
+
+    # -- report ----------------------------------------------------------------------------------
+
+    def report(self, scen_results: dict, methods: list[str], orig: dict) -> dict:
+        data = summarise(self.s, scen_results, methods, orig)
+        data["invocation_wall_s"] = round(time.perf_counter() - self.t0, 1)
+        data["new_runs_this_invocation"] = self.n_new
+        data["command"] = " ".join(["python -m erase.bench.classifier", *sys.argv[1:]])
+        write_outputs(data, Path(self.s.results))
+        return data
+
+
+# -- summary -------------------------------------------------------------------------------------
+
+def _seed_row(rec: dict, ref: dict | None, seed: int) -> dict:
+    from erase.metrics.classifier import gap_to_retrain
+
+    row = {"seed": seed, "path": rec.get("path"), "status": rec["status"]}
+    if rec["status"] != "done":
+        row["error"] = rec.get("error")
+        return row
+    m, r = rec["metrics"], rec["run"]
+    row.update({k: m[k] for k in METRIC_KEYS if k in m})
+    row.update({"RTE_s": r["total_s"], "setup_s": r.get("setup_s"), "steps": r["steps"], "eval_s": m.get("eval_s"),
+                "wall_s": rec.get("bench", {}).get("wall_s"), "loadavg": rec.get("bench", {}).get("loadavg_start")})
+    if "forget_class_test_acc" in m:
+        row["forget_class_test_acc"] = m["forget_class_test_acc"]
+    if ref is not None and ref["status"] == "done":
+        row.update(gap_to_retrain(m, ref["metrics"]))
+        row["RTE_ratio"] = round(r["total_s"] / ref["run"]["total_s"], 4) if ref["run"]["total_s"] else None
+    return row
+
+
+def _aggregate(rows: list[dict]) -> dict:
+    keys = ["UA", "RA", "TA", "MIA", "avg_gap", "RTE_s", "RTE_ratio", "steps", "forget_class_test_acc"]
+    out = {"n": sum(r["status"] == "done" for r in rows)}
+    for k in keys:
+        mean, std = mean_std([r.get(k) for r in rows if r["status"] == "done" and r.get(k) is not None])
+        if mean is not None:
+            out[k] = {"mean": round(mean, 4), "std": round(std, 4)}
+    return out
+
+
+def summarise(s: BenchSettings, scen_results: dict, methods: list[str], orig: dict) -> dict:
+    machine = machine_info()
+    data = {
+        "title": f"Classifier unlearning benchmark: {s.dataset}, CIFAR-stem ResNet-18 width {s.width}",
+        "settings": asdict(s), "setup_tag": s.tag(), "run_root": str(Path(s.out_dir) / s.tag()),
+        "machine": machine, "machine_text": describe_machine(machine),
+        "budget_rule": budget_rule(s),
+        "original": _seed_row(orig, None, 0) if orig else None, "scenarios": {},
+    }
+    all_wall = []
+    for scenario, res in scen_results.items():
+        refs = res["retrain"]
+        sc = {"rows": {}}
+        rrows = [_seed_row(r, r, i) for i, r in enumerate(refs)]
+        sc["rows"][REFERENCE] = {"status": "done", "seeds": rrows, "summary": _aggregate(rrows)}
+        orows = []
+        for i, m in enumerate(res["original"]):
+            if m is None:
+                orows.append({"seed": i, "status": "missing"})
+                continue
+            fake = {"status": "done", "metrics": m, "run": {"total_s": 0.0, "steps": 0}}
+            orows.append(_seed_row(fake, refs[i], i))
+        sc["rows"]["original (no unlearning)"] = {"status": "done", "seeds": orows, "summary": _aggregate(orows)}
+        vr = res.get("val_retrain")
+        sc["val_retrain"] = _seed_row(vr, vr, 0) if vr else None
+        for name in methods:
+            mres = res["methods"].get(name)
+            if mres is None:
+                continue
+            srows = [_seed_row(rec, refs[i], i) for i, rec in enumerate(mres["seeds"])]
+            entry = {"status": mres["status"], "tuning": mres["tuning"], "seeds": srows, "summary": _aggregate(srows)}
+            if "chosen" in mres:
+                entry["chosen"] = mres["chosen"]
+                entry["chosen_lr_mult"] = mres["chosen_lr_mult"]
+            if mres.get("error"):
+                entry["error"] = mres["error"]
+            failed = [r for r in srows if r["status"] == "failed"]
+            if failed:
+                entry["failed_seeds"] = [{"seed": r["seed"], "error": r.get("error")} for r in failed]
+            sc["rows"][name] = entry
+        sc["cost"] = scenario_cost(res)
+        all_wall.append(sc["cost"]["wall_s"])
+        data["scenarios"][scenario] = sc
+    orig_wall = (orig or {}).get("bench", {}).get("wall_s") or 0.0
+    data["runs_wall_s_total"] = round(sum(all_wall) + orig_wall, 1)
+    data["checks"] = issue_checks(data)
+    return data
+
+
+def scenario_cost(res: dict) -> dict:
+    """Wall time spent in the scenario's runs (training + evaluation), split by purpose."""
+    def wall(rec):
+        return (rec or {}).get("bench", {}).get("wall_s") or (rec or {}).get("wall_s") or 0.0
+
+    ref = sum(wall(r) for r in res["retrain"]) + wall(res.get("val_retrain"))
+    tune = sum(wall(read_run(Path(t["path"])) or {}) for m in res["methods"].values() for t in m["tuning"])
+    final = sum(wall(r) for m in res["methods"].values() for r in m["seeds"])
+    return {"reference_s": round(ref, 1), "tuning_s": round(tune, 1), "final_s": round(final, 1),
+            "wall_s": round(ref + tune + final, 1)}
+
+
+def budget_rule(s: BenchSettings) -> str:
+    grid = ", ".join(f"×{m:.3g}" for m in sorted(s.lr_grid))
+    k = len(s.lr_grid)
+    tune = (f"each method tries the same k = {k} learning rates (its default {grid}) on seed 0 of a validation forget "
+            f"set (random: split #{s.val_split_seed}; class: class {s.val_class}) against a retrain on that set, and the "
+            f"one with the smallest average gap runs on every seed" if k > 1 else
+            "no tuning: every method runs its default learning rate (k = 1)")
+    return (f"every method runs its documented default epochs × {s.epoch_scale:g} (its default budget, scaled once for "
+            f"all methods: the papers' defaults assume a 160-182-epoch retrain, here retrain runs {s.epochs:g} epochs); "
+            f"{tune}; methods that train no step (closed form) run once at their defaults; per-method overrides: "
+            f"{json.dumps(s.overrides) if s.overrides else 'none'}")
+
+
+def issue_checks(data: dict) -> dict:
+    checks = {}
+    for scenario, sc in data["scenarios"].items():
+        rows = sc["rows"]
+
+        def gap(name, rows=rows):
+            return rows.get(name, {}).get("summary", {}).get("avg_gap", {}).get("mean")
+
+        methods = {n: r for n, r in rows.items() if n not in (REFERENCE, "original (no unlearning)")}
+        ranked = sorted((gap(n), n) for n in methods if gap(n) is not None)
+        entry = {"ranking": [{"method": n, "avg_gap": g} for g, n in ranked]}
+        if ranked:
+            entry["best"] = ranked[0][1]
+        sg = gap("salun")
+        if sg is not None:
+            entry["salun_below"] = {b: (sg < gap(b)) if gap(b) is not None else None for b in ("ft", "ga", "rl")}
+        fast = []
+        for n, r in methods.items():
+            summ = r.get("summary", {})
+            g, ratio = summ.get("avg_gap", {}).get("mean"), summ.get("RTE_ratio", {}).get("mean")
+            if g is not None and ratio is not None and g <= 1.0 and ratio <= 0.10:
+                fast.append({"method": n, "avg_gap": g, "RTE_ratio": ratio})
+        entry["gap_le_1_at_le_10pct_retrain"] = fast
+        checks[scenario] = entry
+    return checks
+
+
+# -- outputs -------------------------------------------------------------------------------------
+
+def markdown(data: dict) -> str:
+    s = data["settings"]
+    lines = [f"# {data['title']}", ""]
+    lines += [
+        f"- command: `{data['command']}`",
+        f"- scale: {s['dataset']} first {s['limit_train']} training images (original trained on all of them), "
+        f"first {s['limit_test']} test images, RA on {s['eval_max_retain']} random retain images; "
+        f"CIFAR-stem ResNet-18 width {s['width']}; original and retrain: {s['epochs']:g} epochs of the retrain recipe",
+        f"- seeds: {s['seeds']} (seed s: run seed s; random forgetting also draws forget set s); "
+        "mean ± std (ddof 1) over seeds; gaps and RTE ratios against the retrain of the same seed",
+        f"- budget rule: {data['budget_rule']}",
+        f"- machine: {data['machine_text']}",
+        f"- wall time: {fmt_duration(data['runs_wall_s_total'])} summed over all runs of this table (training + evaluation, "
+        f"tuning included); this invocation {fmt_duration(data['invocation_wall_s'])} "
+        f"({data['new_runs_this_invocation']} new runs, the rest read back from `{data['run_root']}`)",
+        "- RTE = the method's unlearning wall time (setup such as saliency masks included, evaluation excluded); "
+        "RTE ratio = RTE / retrain's wall time, both measured in this benchmark on this machine",
+        "- MIA = MIA-efficacy (SVC on the true-label probability, retain vs test, share of the forget set called "
+        "non-member); UA = 100 − forget accuracy; all ×100",
+        "",
+    ]
+    orig = data.get("original")
+    if orig and orig.get("status") == "done":
+        lines.append(f"Original model: train accuracy (RA, no forget set) {orig.get('RA', float('nan')):.2f}, "
+                     f"TA {orig.get('TA', float('nan')):.2f}, trained in {orig['RTE_s']:.0f} s.")
+        lines.append("")
+    for scenario, sc in data["scenarios"].items():
+        lines += [f"## {scenario_title(scenario)}", ""]
+        cols = ["method", "UA", "RA", "TA", "MIA", "avg gap", "RTE (s)", "RTE / retrain", "lr", "steps"]
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|---|" + "|".join("---:" for _ in cols[1:]) + "|")
+        order = sorted(sc["rows"].items(), key=lambda kv: _sort_key(kv[0], kv[1]))
+        for name, row in order:
+            summ = row.get("summary", {})
+            if row["status"] != "done" or not summ.get("n"):
+                err = (row.get("error") or "no finished run")[:120].replace("|", "/")
+                lines.append(f"| {name} | failed: {err} |" + " |" * (len(cols) - 2))
+                continue
+
+            def pm(k, d=2, summ=summ):
+                v = summ.get(k)
+                return fmt_pm(v["mean"], v["std"], d) if v else "—"
+
+            lr = row.get("chosen", {}).get("lr")
+            lr_txt = f"{lr:.3g}" + (f" (×{row['chosen_lr_mult']:.3g})" if row.get("chosen_lr_mult") not in (None, 1.0) else "") \
+                if lr is not None else ""
+            steps = summ.get("steps", {}).get("mean")
+            n = summ["n"]
+            nm = name if n == data["settings"]["seeds"] else f"{name} ({n}/{data['settings']['seeds']} seeds)"
+            lines.append(f"| {nm} | {pm('UA')} | {pm('RA')} | {pm('TA')} | {pm('MIA')} | {pm('avg_gap')} | "
+                         f"{pm('RTE_s', 1)} | {pm('RTE_ratio', 3)} | {lr_txt} | {'' if steps is None else f'{steps:.0f}'} |")
+        lines.append("")
+        failed = [(n, r) for n, r in sc["rows"].items() if r.get("failed_seeds")]
+        for n, r in failed:
+            for f in r["failed_seeds"]:
+                lines.append(f"- {n} seed {f['seed']} failed: {str(f['error'])[:300]}")
+        if any(k == "forget_class_test_acc" for r in sc["rows"].values() for k in r.get("summary", {})):
+            fc = [f"{n} {r['summary']['forget_class_test_acc']['mean']:.1f}" for n, r in order
+                  if "forget_class_test_acc" in r.get("summary", {})]
+            lines.append("- accuracy on the forgotten class's test images: " + ", ".join(fc))
+        c = sc["cost"]
+        lines.append(f"- cost of this scenario: references {fmt_duration(c['reference_s'])}, tuning "
+                     f"{fmt_duration(c['tuning_s'])}, final runs {fmt_duration(c['final_s'])}")
+        tuned = [(n, r) for n, r in sc["rows"].items() if r.get("tuning") and len(r["tuning"]) > 1]
+        if tuned:
+            lines += ["", "Tuning on the validation forget set (average gap per learning rate; * = chosen):", "",
+                      "| method | " + " | ".join(f"×{m:.3g}" for m in sorted(data["settings"]["lr_grid"])) + " |",
+                      "|---|" + "|".join("---:" for _ in data["settings"]["lr_grid"]) + "|"]
+            for n, r in sorted(tuned):
+                cells = []
+                for m in sorted(data["settings"]["lr_grid"]):
+                    t = next((t for t in r["tuning"] if abs(t["lr_mult"] - m) < 1e-9), None)
+                    if t is None:
+                        cells.append("")
+                    elif t.get("val_avg_gap") is None:
+                        cells.append("failed" if t["status"] == "failed" else "—")
+                    else:
+                        star = "*" if abs(m - r.get("chosen_lr_mult", -1)) < 1e-9 else ""
+                        cells.append(f"{t['val_avg_gap']:.2f}{star}")
+                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Checks (issue 3)", ""]
+    for scenario, ch in data["checks"].items():
+        if "best" in ch:
+            lines.append(f"- {scenario}: lowest average gap: **{ch['best']}**")
+        if "salun_below" in ch:
+            txt = ", ".join(f"{k}: {'yes' if v else 'no' if v is not None else 'n/a'}" for k, v in ch["salun_below"].items())
+            lines.append(f"- {scenario}: SalUn's average gap below {txt}")
+        fast = ch["gap_le_1_at_le_10pct_retrain"]
+        lines.append(f"- {scenario}: methods with average gap ≤ 1.0 at ≤ 10 % of retrain time: "
+                     + (", ".join(f"{f['method']} ({f['avg_gap']:.2f}, {100 * f['RTE_ratio']:.1f} %)" for f in fast) or "none"))
+    lines.append("")
+    lines.append(f"Per-run metrics, costs and folders: `{Path(data['settings']['results']).name}.json`. "
+                 "Bar chart of the average gaps: "
+                 f"`{Path(data['settings']['results']).name}_gaps.png`.")
+    return "\n".join(lines) + "\n"
+
+
+def scenario_title(scenario: str) -> str:
+    kind, _, arg = scenario.partition(":")
+    if kind == "random":
+        return f"Random forgetting ({float(arg) * 100:g} % of the training images) — `{scenario}`"
+    return f"Class forgetting — `{scenario}`"
+
+
+def _sort_key(name: str, row: dict):
+    if name == REFERENCE:
+        return (0, 0.0, name)
+    if name.startswith("original"):
+        return (1, 0.0, name)
+    g = row.get("summary", {}).get("avg_gap", {}).get("mean")
+    return (2, g if g is not None else math.inf, name)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    scen = list(data["scenarios"])
+    names = sorted({n for sc in data["scenarios"].values() for n in sc["rows"] if n != REFERENCE},
+                   key=lambda n: (not n.startswith("original"), n))
+    if not scen or not names:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "no finished runs yet", ha="center")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
+    x = np.arange(len(names))
+    w = 0.8 / len(scen)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 4.2))
+    for i, sc in enumerate(scen):
+        means, stds = [], []
+        for n in names:
+            g = data["scenarios"][sc]["rows"].get(n, {}).get("summary", {}).get("avg_gap")
+            means.append(g["mean"] if g else np.nan)
+            stds.append(g["std"] if g else 0)
+        ax.bar(x + (i - (len(scen) - 1) / 2) * w, means, w, yerr=stds, capsize=2, label=sc)
+    ax.set_xticks(x)
+    ax.set_xticklabels([n.replace(" (no unlearning)", "\n(no unlearn.)") for n in names], rotation=45, ha="right")
+    ax.set_ylabel("average gap to retrain (lower is better)")
+    s = data["settings"]
+    ax.set_title(f"{s['dataset']}, ResNet-18 w{s['width']}, {s['limit_train']} images, {s['seeds']} seeds (mean ± std)",
+                 fontsize=9)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(data: dict, prefix: Path) -> None:
+    from erase.storage import atomic_write_json, atomic_write_text
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    data["markdown"] = prefix.with_suffix(".md").name
+    atomic_write_json(data, prefix.with_suffix(".json"))
+    atomic_write_text(markdown(data), prefix.with_suffix(".md"))
+    png = prefix.parent / f"{prefix.name}_gaps.png"
+    tmp = png.with_suffix(".tmp.png")
+    plot(data, tmp)
+    tmp.replace(png)
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BenchSettings()
+    p = argparse.ArgumentParser(prog="python -m erase.bench.classifier", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"smaller preview: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (flags given explicitly win)")
+    p.add_argument("--methods", help="comma-separated subset of the registered classifier methods (default: all)")
+    p.add_argument("--seeds", type=int, help=f"number of seeds (default {d.seeds})")
+    p.add_argument("--width", type=int, help=f"ResNet-18 base width (default {d.width})")
+    p.add_argument("--dataset", help=f"dataset (default {d.dataset})")
+    p.add_argument("--limit-train", type=int, help=f"training images used (default {d.limit_train})")
+    p.add_argument("--limit-test", type=int, help=f"test images used (default {d.limit_test})")
+    p.add_argument("--eval-max-retain", type=int, help=f"retain images for RA and the MIA members (default {d.eval_max_retain})")
+    p.add_argument("--epochs", type=float, help=f"epochs of the original and of retrain (default {d.epochs:g})")
+    p.add_argument("--scenarios", help=f"comma-separated forget specs (default {','.join(d.scenarios)}); use ';' between "
+                   "specs if one has a comma")
+    p.add_argument("--val-class", type=int, help=f"class forgotten by the class scenarios' validation runs (default {d.val_class})")
+    p.add_argument("--epoch-scale", type=float, help=f"multiplier on every method's default epochs (default {d.epoch_scale:g})")
+    p.add_argument("--lr-grid", help="comma-separated multipliers of each method's default lr tried on the validation set "
+                   "(default 0.333,1,3; '1' = no tuning)")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                   help="override a method's config field for every run of it, e.g. --set ssd.alpha=10 (repeatable)")
+    p.add_argument("--out-dir", help=f"root of the run folders (default {d.out_dir})")
+    p.add_argument("--results", help=f"output prefix (default {d.results}; --quick: {QUICK['results']})")
+    p.add_argument("--threads", type=int, help=f"torch threads (default {d.threads})")
+    p.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before instead of reporting them")
+    p.add_argument("--report-only", action="store_true", help="run nothing; rebuild the report from finished runs")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    import yaml
+
+    s = BenchSettings()
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(s, k, v)
+        s.quick = True
+    simple = ["seeds", "width", "dataset", "limit_train", "limit_test", "eval_max_retain", "epochs", "val_class",
+              "epoch_scale", "out_dir", "results", "threads"]
+    for k in simple:
+        v = getattr(args, k)
+        if v is not None:
+            setattr(s, k, v)
+    if args.methods:
+        s.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.scenarios:
+        sep = ";" if ";" in args.scenarios else ","
+        s.scenarios = [x.strip() for x in args.scenarios.split(sep) if x.strip()]
+    if args.lr_grid:
+        s.lr_grid = [float(x) for x in args.lr_grid.split(",") if x.strip()]
+    for item in args.set:
+        key, _, value = item.partition("=")
+        method, _, fld = key.partition(".")
+        if not method or not fld or not _:
+            from erase.errors import EraseError
+
+            raise EraseError(f"--set expects METHOD.FIELD=VALUE, got {item!r}")
+        s.overrides.setdefault(method.strip(), {})[fld.strip().replace("-", "_")] = yaml.safe_load(value)
+    s.retry_failed, s.report_only = args.retry_failed, args.report_only
+    return s
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    s = settings_from_args(args)
+    bench = Bench(s)
+    data = bench.execute()
+    print()
+    print(Path(s.results).with_suffix(".md").read_text())
+    print(f"written: {s.results}.json, {s.results}.md, {s.results}_gaps.png "
+          f"(this invocation {fmt_duration(data['invocation_wall_s'])})")
+    return 0
+
+
+if __name__ == "__main__":
+    from erase.cli import run_cli
+
+    sys.exit(run_cli(main))

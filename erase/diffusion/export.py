@@ -1,0 +1,67 @@
+"""Write an erased model: a full diffusers folder, or only the UNet tensors that changed.
+
+``pipeline`` writes ``model/`` — ``StableDiffusionPipeline.from_pretrained("…/model")`` loads it
+as usual (for a DDPM: ``model/unet`` + ``model/scheduler``). ``delta`` writes
+``delta.safetensors`` with the changed UNet tensors only; :func:`load_delta` applies it to the
+base model. Both are written into a temporary folder / file and renamed into place.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from erase.errors import EraseError
+from erase.storage import load_safetensors, save_safetensors
+
+
+def save_pipeline(task, unet, out: Path) -> Path:
+    final, tmp = out / "model", out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if task.kind == "ddpm":
+            unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            task.scheduler.save_pretrained(tmp / "scheduler")
+        else:
+            pipe = task.base.pipe
+            original = pipe.unet
+            pipe.unet = unet
+            try:
+                pipe.save_pretrained(tmp, safe_serialization=True)
+            finally:
+                pipe.unet = original
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EraseError(f"could not write the erased model to {final}: {err.strerror or err}") from err
+    return final
+
+
+def changed_tensors(base_state: dict[str, torch.Tensor], unet) -> dict[str, torch.Tensor]:
+    now = unet.state_dict()
+    return {k: v for k, v in now.items() if k in base_state and not torch.equal(v.cpu(), base_state[k])}
+
+
+def save_delta(base_state: dict[str, torch.Tensor], unet, out: Path) -> Path:
+    delta = changed_tensors(base_state, unet)
+    path = out / "delta.safetensors"
+    save_safetensors(delta, path, {"format": "erase-unet-delta", "tensors": str(len(delta))})
+    return path
+
+
+def load_delta(pipe_or_unet, path: str | Path) -> int:
+    """Overwrite the base UNet's tensors with those in ``delta.safetensors``; returns how many changed.
+
+    ``load_delta(StableDiffusionPipeline.from_pretrained(base), "run/delta.safetensors")``.
+    """
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    delta = load_safetensors(path)
+    own = unet.state_dict()
+    bad = [k for k, v in delta.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise EraseError(f"{path} does not fit this UNet (e.g. {bad[0]}); was it made from another base model?")
+    unet.load_state_dict(delta, strict=False)
+    return len(delta)

@@ -1,0 +1,131 @@
+"""Load the diffusion model to erase from: a bundled name, a local folder, a single file or a hub id.
+
+Supported: Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``; epsilon or v-prediction) and
+class-conditional pixel-space DDPMs (a ``UNet2DModel`` with class embeddings plus a scheduler, in
+``unet/`` + ``scheduler/`` folders). Anything else gets an error naming what is supported. The
+network is touched only when the user names a hub id; the safety checker is always off (erasure
+work must see what the model really generates).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from erase.errors import EraseError
+from erase.storage import ZOO_DIR
+
+SUPPORTED = "Stable Diffusion 1.x/2.x (StableDiffusionPipeline) and class-conditional DDPMs (UNet2DModel with class embeddings)"
+UNSUPPORTED_HINTS = {
+    "StableDiffusionXLPipeline": "SDXL", "StableDiffusion3Pipeline": "SD3", "FluxPipeline": "FLUX",
+    "PixArtAlphaPipeline": "PixArt", "KandinskyPipeline": "Kandinsky", "DDPMPipeline": "an unconditional DDPM",
+}
+
+
+@dataclass
+class DiffusionBase:
+    """What the task needs: the trainable denoiser plus frozen parts (text encoder, VAE, scheduler)."""
+
+    kind: str                 # "sd" or "ddpm"
+    unet: torch.nn.Module
+    scheduler: Any
+    source: str               # where it came from, for model cards
+    pipe: Any = None          # StableDiffusionPipeline for "sd"
+    folder: Path | None = None
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+
+def _class_name(folder: Path) -> str | None:
+    index = folder / "model_index.json"
+    if index.is_file():
+        return json.loads(index.read_text()).get("_class_name")
+    unet_cfg = folder / "unet" / "config.json"
+    if unet_cfg.is_file() and (folder / "scheduler").is_dir():
+        return "ClassConditionalDDPM" if json.loads(unet_cfg.read_text()).get("_class_name") == "UNet2DModel" else None
+    return None
+
+
+def _check_supported(name: str | None, where: str) -> None:
+    if name in ("StableDiffusionPipeline", "ClassConditionalDDPM"):
+        return
+    what = UNSUPPORTED_HINTS.get(name or "", name or "an unrecognised folder")
+    raise EraseError(f"{where} holds {what}, which erase does not support; supported: {SUPPORTED}")
+
+
+def _load_sd_folder(folder: Path | str, local_only: bool, device) -> DiffusionBase:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False, local_files_only=local_only)
+    return _wrap_pipe(pipe, str(folder), device, Path(folder) if local_only else None)
+
+
+def _wrap_pipe(pipe, source: str, device, folder) -> DiffusionBase:
+    pipe.safety_checker = None
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    for part in (pipe.text_encoder, pipe.vae):
+        part.requires_grad_(False).eval()
+    return DiffusionBase("sd", pipe.unet, pipe.scheduler, source, pipe, folder)
+
+
+def _load_ddpm_folder(folder: Path, device) -> DiffusionBase:
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True).to(device)
+    if not unet.config.get("num_class_embeds"):
+        raise EraseError(f"{folder}: the UNet2DModel has no class embeddings; erase needs a class-conditional DDPM")
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+    return DiffusionBase("ddpm", unet, scheduler, str(folder), None, folder)
+
+
+def load_base(spec: str, device: str | torch.device = "cpu", original_config: str = "") -> DiffusionBase:
+    """``spec``: bundled name | local folder | ``.safetensors``/``.ckpt`` file | hub id (``org/name``)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # config-upgrade notices are noise for erasure runs
+    diffusers_logging.disable_progress_bar()
+    if not spec or not spec.strip():
+        raise EraseError("--model is empty: give a bundled name (e.g. fmnist-tiny-sd), a folder, a .safetensors/.ckpt file or a hub id")
+    p = Path(spec).expanduser()
+    bundled = ZOO_DIR / spec
+    if p.is_dir() or (bundled.is_dir() and not p.exists()):
+        folder = p if p.is_dir() else bundled
+        name = _class_name(folder)
+        _check_supported(name, str(folder))
+        return _load_ddpm_folder(folder, device) if name == "ClassConditionalDDPM" else _load_sd_folder(folder, True, device)
+    if p.suffix in (".safetensors", ".ckpt"):
+        if not p.is_file():
+            raise EraseError(f"checkpoint file not found: {p}")
+        from diffusers import StableDiffusionPipeline
+
+        kwargs = {"original_config": original_config} if original_config else {}
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(str(p), safety_checker=None, requires_safety_checker=False,
+                                                            **kwargs)
+        except (OSError, ValueError) as err:
+            raise EraseError(f"could not load {p} as a Stable Diffusion 1.x/2.x checkpoint ({str(err).splitlines()[0]}); "
+                             "offline, pass --original-config with the model's v1-inference.yaml") from err
+        return _wrap_pipe(pipe, str(p), device, None)
+    if p.exists():
+        raise EraseError(f"{p} is neither a model folder nor a .safetensors/.ckpt file")
+    if "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        from diffusers import DiffusionPipeline
+
+        try:
+            name = DiffusionPipeline.load_config(spec).get("_class_name")
+        except Exception as err:  # network or hub errors come in many types
+            raise EraseError(f"could not fetch {spec!r} from the model hub: {str(err).splitlines()[0]}") from err
+        _check_supported(name, f"hub model {spec!r}")
+        return _load_sd_folder(spec, False, device)
+    from erase.storage import list_bundled_models
+
+    raise EraseError(f"model {spec!r} not found: not a folder, a .safetensors/.ckpt file, a hub id (org/name) or a "
+                     f"bundled model ({', '.join(list_bundled_models()) or 'none installed'})")

@@ -1,0 +1,99 @@
+"""What a diffusion run leaves behind: evaluation before and after, the erased model, grid and card.
+
+The runner calls ``before_training`` (the base model's images and scores, before any weight
+changes), then ``save_model``, ``evaluate`` and ``write_artifacts`` after training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _evaluator(task):
+    from erase.classifier.models import load_classifier
+
+    name = task.cfg.evaluator or ("fmnist-classifier" if task.fmnist else "")
+    if not name:
+        return None
+    return load_classifier(name).to(task.device).eval()
+
+
+class DiffusionOutputs:
+    def before_training(self, model, out: Path) -> None:
+        """Generate the base model's evaluation images (and judge them) before any weight changes."""
+        from erase.diffusion.evaluation import accuracy_metrics, eval_groups, generate_groups
+
+        self._groups = eval_groups(self)
+        self._before_images = generate_groups(self, model, self._groups)
+        self._judge = _evaluator(self)
+        self._before_metrics = accuracy_metrics(self, self._groups, self._before_images, self._judge) if self._judge else {}
+        if self.cfg.save_format == "delta":
+            self._base_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+    def evaluate(self, model, device=None) -> dict:
+        from erase.diffusion.evaluation import accuracy_metrics, generate_groups
+
+        after = generate_groups(self, model, self._groups)
+        self._after_images = after
+        metrics = {"after": accuracy_metrics(self, self._groups, after, self._judge) if self._judge else {},
+                   "before": self._before_metrics}
+        metrics.update({k: v for k, v in metrics["after"].items() if not isinstance(v, dict)})
+        metrics["settings"] = {
+            "concept": self.concepts.concept, "retain": self.concepts.retain, "paraphrases": self.concepts.paraphrases,
+            "evaluator": (self.cfg.evaluator or "fmnist-classifier") if self._judge else None,
+            "guidance": self.guidance, "sample_steps": self.cfg.sample_steps,
+            "images_per_prompt": self.cfg.eval_images, "seeds": f"{self._groups[0].seeds[0]}.. per prompt",
+            "model": self.base.source, "prediction_type": self.base.prediction_type,
+        }
+        if not self._judge:
+            metrics["note"] = "no evaluator for this model: pass --evaluator DIR for concept accuracy; see the grid"
+        return metrics
+
+
+    def save_model(self, model, out: Path) -> None:
+        from erase.diffusion.export import save_delta, save_pipeline
+
+        if self.cfg.save_format == "delta":
+            save_delta(self._base_state, model, out)
+        else:
+            save_pipeline(self, model, out)
+        self._out = out
+
+
+    def write_artifacts(self, out: Path, resolved: dict, metrics: dict, info: dict) -> None:
+        """The before/after grid and the model card (README.md) beside the erased model."""
+        import yaml
+
+        from erase.diffusion.grid import before_after_grid
+        from erase.storage import atomic_path, atomic_write_text
+
+        k = self.cfg.grid_seeds
+        picks = [i for i, g in enumerate(self._groups) if g.name == "concept"]
+        picks += [i for i, g in enumerate(self._groups) if g.name == "paraphrase"][:1]
+        picks += [i for i, g in enumerate(self._groups) if g.name == "retain"][:4]
+        rows = [(str(self._groups[i].cond) if self.kind == "sd" else f"class {self._groups[i].target}",
+                 self._before_images[i][:k], self._after_images[i][:k]) for i in picks]
+        with atomic_path(out / "grid.png") as tmp:
+            before_after_grid(rows).save(tmp, format="PNG")
+        b, a = metrics.get("before", {}), metrics.get("after", {})
+        keys = [x for x in ("concept_acc", "paraphrase_acc", "other_acc") if x in a]
+        table = ["| metric | base | erased |", "|---|---:|---:|"] + [f"| {x} | {b.get(x, '')} | {a.get(x, '')} |" for x in keys]
+        where = "model/" if self.cfg.save_format == "pipeline" else "delta.safetensors"
+        load = ("```python\nfrom diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained(\"model\")\n```"
+                if self.kind == "sd" and where == "model/" else
+                "```python\nfrom erase.diffusion.export import load_delta\nload_delta(base_pipeline, \"delta.safetensors\")\n```"
+                if where != "model/" else "UNet2DModel.from_pretrained(\"model/unet\"), DDIMScheduler.from_pretrained(\"model/scheduler\")")
+        card = "\n".join([
+            f"# {self.concepts.concept!r} erased from {self.base.source} with {info['method']}", "",
+            f"- base model: `{self.base.source}` ({'Stable Diffusion' if self.kind == 'sd' else 'class-conditional DDPM'}, "
+            f"{self.base.prediction_type} prediction)",
+            f"- method: `{info['method']}`, {info['steps']} steps, {info['total_s']:.0f} s on {info['machine']}",
+            f"- evaluator: {metrics['settings']['evaluator'] or 'none'}; guidance {self.guidance}, "
+            f"{self.cfg.sample_steps} DDIM steps, {self.cfg.eval_images} images per prompt",
+            f"- weights: `{where}`", "", "## Load", "", load, "", "## Metrics", "", *table, "",
+            "## Before / after", "", "![before and after](grid.png)", "", "## Resolved configuration", "",
+            "```yaml", yaml.safe_dump(resolved, sort_keys=False).rstrip(), "```", ""])
+        atomic_write_text(card, out / "README.md")
+        if self.cfg.save_format == "pipeline":
+            atomic_write_text(card.replace("(grid.png)", "(../grid.png)"), out / "model" / "README.md")

@@ -1,0 +1,89 @@
+"""Seeded sampling from SD pipelines and class-conditional DDPMs, optionally stopped part-way.
+
+Each image has its own seed (its initial noise comes from ``torch.Generator().manual_seed(seed)``
+on the CPU), so an image is the same whatever the batch or device. ``stop_after`` runs only the
+first k denoising steps and returns x_t with the timestep it belongs to — ESD's partial sampling;
+for Stable Diffusion it goes through the pipeline's ``callback_on_step_end`` (no patched
+``__call__``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _generators(seeds) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+@torch.no_grad()
+def sample_sd(pipe, unet, prompt_embeds, negative_embeds, seeds, guidance: float, steps: int,
+              stop_after: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """UNet-space latents for ``prompt_embeds`` (N, L, D); (latents, timestep) when stopped early."""
+    original = pipe.unet
+    pipe.unet = unet
+    state: dict = {}
+
+    def stop(p, i, t, kwargs):
+        if stop_after is not None and i + 1 == stop_after:
+            state["latents"] = kwargs["latents"]
+            p._interrupt = True
+        return kwargs
+
+    try:
+        if stop_after == 0:  # nothing to denoise: x_T is the initial noise
+            shape = (len(seeds), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+            noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in _generators(seeds)])
+            pipe.scheduler.set_timesteps(steps)
+            return noise.to(unet.device, unet.dtype) * pipe.scheduler.init_noise_sigma, pipe.scheduler.timesteps[0]
+        out = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, guidance_scale=guidance,
+                   num_inference_steps=steps, generator=_generators(seeds), output_type="latent",
+                   callback_on_step_end=stop if stop_after is not None else None)
+    finally:
+        pipe.unet = original
+        pipe._interrupt = False
+    if stop_after is not None:
+        return state["latents"], pipe.scheduler.timesteps[stop_after]
+    return out.images, None
+
+
+@torch.no_grad()
+def sample_ddpm(unet, scheduler, labels, seeds, guidance: float, steps: int, null_class: int,
+                stop_after: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pixel-space samples in [-1, 1] for class ``labels``, classifier-free guided against ``null_class``."""
+    device, dtype = unet.device, unet.dtype
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    gens = _generators(seeds)
+    x = torch.cat([torch.randn((1, c, s, s), generator=g) for g in gens]).to(device, dtype)
+    scheduler.set_timesteps(steps)
+    x = x * scheduler.init_noise_sigma
+    guided = guidance != 1.0
+    cond = torch.cat([labels, torch.full_like(labels, null_class)]) if guided else labels
+    n = steps if stop_after is None else stop_after
+    for t in scheduler.timesteps[:n]:
+        inp = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        eps = unet(inp, t, class_labels=cond).sample
+        if guided:
+            e_c, e_u = eps.chunk(2)
+            eps = e_u + guidance * (e_c - e_u)
+        x = scheduler.step(eps, t, x).prev_sample
+    if stop_after is not None:
+        return x, scheduler.timesteps[stop_after] if stop_after < len(scheduler.timesteps) else scheduler.timesteps[-1]
+    return x.clamp(-1, 1), None
+
+
+@torch.no_grad()
+def decode_sd(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """SD latents -> RGB images in [0, 1]."""
+    vae = pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def encode_sd(pipe, images: torch.Tensor) -> torch.Tensor:
+    """RGB images in [0, 1] -> SD latents (the posterior mean, scaled)."""
+    vae = pipe.vae
+    dist = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist
+    return dist.mean * vae.config.scaling_factor

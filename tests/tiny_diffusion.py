@@ -1,0 +1,53 @@
+"""Tiny diffusion models built in code (diffusers' get_dummy_components style), saved as folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def tiny_sd(folder: Path, v_prediction: bool = False, sd2: bool = False) -> Path:
+    """An SD-1.x-shaped (or SD-2.x-shaped with v-prediction) pipeline folder with random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from erase.zoo.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=(2, 4) if sd2 else 8,
+        use_linear_projection=sd2)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                        vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                                        max_position_embeddings=77, projection_dim=32))
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          clip_sample=False, set_alpha_to_one=False,
+                          prediction_type="v_prediction" if v_prediction else "epsilon")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=build_tokenizer(), unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def tiny_ddpm(folder: Path, channels: int = 3, size: int = 32, classes: int = 10) -> Path:
+    """A CIFAR-shaped class-conditional DDPM folder (unet/ + scheduler/) with a null class."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=classes + 1)
+    unet.save_pretrained(folder / "unet")
+    DDIMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def write_class_names(folder: Path, names: list[str]) -> None:
+    (folder / "class_names.json").write_text(json.dumps(names))
