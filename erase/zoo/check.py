@@ -147,17 +147,17 @@ def run_check(quick: bool = False, output: str | None = "results/zoo_check", see
         torch.set_num_threads(threads)
     classifier = load_classifier(classifier_name).eval()
     test = load_fashion_mnist(train=False, pad_to=32)
-    n_ref = 500 if quick else len(test)
+    n_ref = 200 if quick else len(test)
     ref = test.get_batch(range(n_ref))
     with torch.no_grad():
         test_acc = round(100.0 * (classify(classifier, ref["image"]) == ref["label"]).float().mean().item(), 2)
-    n = 4 if quick else 64
+    n = 2 if quick else 64
     results = {"quick": quick, "evaluator": classifier_name, "evaluator_test_accuracy": test_acc,
                "fid_reference_images": n_ref, "machine": machine(), "targets": {"mean": 80.0, "min_class": 50.0},
                "generators": {}}
     for name in generators:
         if model_kind(resolve_model_dir(name)) == "sd":
-            settings = dict(SD_SETTINGS, steps=5) if quick else dict(SD_SETTINGS)
+            settings = dict(SD_SETTINGS, steps=3) if quick else dict(SD_SETTINGS)
             pipe = load_tiny_sd(name)
 
             def gen(label, k, g, pipe=pipe, s=settings):
@@ -167,9 +167,9 @@ def run_check(quick: bool = False, output: str | None = "results/zoo_check", see
             r["prompt_template"] = captions.CHECK_TEMPLATE
             if not quick:
                 r["held_out"] = held_out_accuracy(pipe, classifier, 8, settings, seed)
-            r["vae_reconstruction_accuracy"] = vae_reconstruction_accuracy(pipe.vae, classifier, test, 200 if quick else 2000)
+            r["vae_reconstruction_accuracy"] = vae_reconstruction_accuracy(pipe.vae, classifier, test, 100 if quick else 2000)
         else:
-            settings = dict(DDPM_SETTINGS, steps=5) if quick else dict(DDPM_SETTINGS)
+            settings = dict(DDPM_SETTINGS, steps=3) if quick else dict(DDPM_SETTINGS)
             unet, scheduler = load_ddpm(name)
 
             def gen(label, k, g, unet=unet, scheduler=scheduler, s=settings):
@@ -208,7 +208,7 @@ def _update_cards(results: dict) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m erase.zoo check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="reduced mode: 4 images per class, 5 sampling steps")
+    p.add_argument("--quick", action="store_true", help="reduced mode: 2 images per class, 3 sampling steps, 200 reference images")
     p.add_argument("--output", default="results/zoo_check", help="writes OUTPUT.json and OUTPUT.md ('' to skip)")
     p.add_argument("--seed", type=int, default=1234, help="class c uses seed SEED + c")
     p.add_argument("--generators", nargs="+", default=["fmnist-tiny-sd", "fmnist-ddpm"])

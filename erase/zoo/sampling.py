@@ -55,7 +55,8 @@ def load_ddpm(path, device="cpu", dtype=torch.float32):
     from erase.storage import resolve_model_dir
 
     d = resolve_model_dir(path, kind="DDPM")
-    unet = UNet2DModel.from_pretrained(d / "unet").to(device, dtype).eval()
+    unet = UNet2DModel.from_pretrained(d / "unet").eval()  # float32 (diffusers' default)
+    unet = unet.to(device) if dtype == torch.float32 else unet.to(device, dtype)
     scheduler = DDIMScheduler.from_pretrained(d / "scheduler")
     return unet, scheduler
 
@@ -71,4 +72,4 @@ def load_tiny_sd(path="fmnist-tiny-sd", device="cpu", dtype=torch.float32):
     pipe = StableDiffusionPipeline.from_pretrained(d, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
