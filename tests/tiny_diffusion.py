@@ -28,7 +28,7 @@ def tiny_sd(folder: Path, v_prediction: bool = False, sd2: bool = False) -> Path
                                         vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
                                         max_position_embeddings=77, projection_dim=32))
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                          clip_sample=False, set_alpha_to_one=False,
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                           prediction_type="v_prediction" if v_prediction else "epsilon")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=build_tokenizer(), unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
