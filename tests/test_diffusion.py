@@ -219,3 +219,25 @@ def test_bad_diffusion_inputs(models, tmp_path, capsys):
                                 str(models["sd1"] / "erased"), *FAST])
     assert code == 2 and "base model" in capsys.readouterr().err
     assert "unknown class" in err(["--concept", "unicorn", "--model", str(models["ddpm"])])
+
+
+def test_lora_training_export_and_teacher(models, tmp_path):
+    """LoRA: only adapters train, the teacher is the same UNet with adapters off, the export reloads."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "lora"
+    args = ["--concept", "garbage truck", "--method", "esd-x", "--model", str(models["sd1"]), "--retain-concepts",
+            "church", "--max-steps", "2", "--ddim-steps", "3", "--lr", "1e-2", "--save-format", "lora",
+            "--output-dir", str(out), *FAST]
+    assert run_cli(train_main, args) == 0
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(models["sd1"])
+    before = {n: p.clone() for n, p in pipe.unet.named_parameters()}
+    pipe.load_lora_weights(out / "lora")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # keeps the fused weights, restores the plain module names
+    changed = [n for n, p in pipe.unet.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert changed and all(".attn2." in n for n in changed)
+    with pytest.raises(erase.EraseError, match="saliency"):
+        cls = erase.get_method("salun")
+        cls(cls.Config()).check_task(_task(models["sd1"], save_format="lora"))

@@ -40,6 +40,31 @@ def save_pipeline(task, unet, out: Path) -> Path:
     return final
 
 
+def save_lora(task, unet, out: Path) -> Path:
+    """The trained adapters as a diffusers LoRA folder: ``pipe.load_lora_weights("…/lora")``."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    final, tmp = out / "lora", out / ".lora.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(unet),
+                                                  safe_serialization=True)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EraseError(f"could not write the LoRA weights to {final}: {err.strerror or err}") from err
+    return final
+
+
+def merge_lora(unet) -> None:
+    """Fold trained adapters into the UNet's weights (for a full or delta export)."""
+    if getattr(unet, "peft_config", None):
+        unet.fuse_lora()
+        unet.unload_lora()
+
+
 def changed_tensors(base_state: dict[str, torch.Tensor], unet) -> dict[str, torch.Tensor]:
     now = unet.state_dict()
     return {k: v for k, v in now.items() if k in base_state and not torch.equal(v.cpu(), base_state[k])}

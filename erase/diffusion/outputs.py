@@ -27,8 +27,6 @@ class DiffusionOutputs:
         self._before_images = generate_groups(self, model, self._groups)
         self._judge = _evaluator(self)
         self._before_metrics = accuracy_metrics(self, self._groups, self._before_images, self._judge) if self._judge else {}
-        if self.cfg.save_format == "delta":
-            self._base_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
     def evaluate(self, model, device=None) -> dict:
@@ -52,8 +50,12 @@ class DiffusionOutputs:
 
 
     def save_model(self, model, out: Path) -> None:
-        from erase.diffusion.export import save_delta, save_pipeline
+        from erase.diffusion.export import merge_lora, save_delta, save_lora, save_pipeline
 
+        if self.cfg.save_format == "lora":
+            save_lora(self, model, out)
+            return
+        merge_lora(model)
         if self.cfg.save_format == "delta":
             save_delta(self._base_state, model, out)
         else:
@@ -79,11 +81,17 @@ class DiffusionOutputs:
         b, a = metrics.get("before", {}), metrics.get("after", {})
         keys = [x for x in ("concept_acc", "paraphrase_acc", "other_acc") if x in a]
         table = ["| metric | base | erased |", "|---|---:|---:|"] + [f"| {x} | {b.get(x, '')} | {a.get(x, '')} |" for x in keys]
-        where = "model/" if self.cfg.save_format == "pipeline" else "delta.safetensors"
-        load = ("```python\nfrom diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained(\"model\")\n```"
-                if self.kind == "sd" and where == "model/" else
-                "```python\nfrom erase.diffusion.export import load_delta\nload_delta(base_pipeline, \"delta.safetensors\")\n```"
-                if where != "model/" else "UNet2DModel.from_pretrained(\"model/unet\"), DDIMScheduler.from_pretrained(\"model/scheduler\")")
+        where = {"pipeline": "model/", "lora": "lora/", "delta": "delta.safetensors"}[self.cfg.save_format]
+        load = {
+            "pipeline": ("```python\nfrom diffusers import StableDiffusionPipeline\n"
+                         "pipe = StableDiffusionPipeline.from_pretrained(\"model\")\n```") if self.kind == "sd" else
+                        ("```python\nfrom diffusers import DDIMScheduler, UNet2DModel\nunet = UNet2DModel.from_pretrained("
+                         "\"model/unet\")\nscheduler = DDIMScheduler.from_pretrained(\"model/scheduler\")\n```"),
+            "lora": ("```python\npipe = StableDiffusionPipeline.from_pretrained(BASE)  # the base model above\n"
+                     "pipe.load_lora_weights(\"lora\")\n```"),
+            "delta": ("```python\nfrom erase.diffusion.export import load_delta\n"
+                      "load_delta(base_pipeline, \"delta.safetensors\")  # the base model above\n```"),
+        }[self.cfg.save_format]
         card = "\n".join([
             f"# {self.concepts.concept!r} erased from {self.base.source} with {info['method']}", "",
             f"- base model: `{self.base.source}` ({'Stable Diffusion' if self.kind == 'sd' else 'class-conditional DDPM'}, "

@@ -10,6 +10,7 @@ generation code; for a class-conditional DDPM the class label is replaced by ano
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,8 +49,12 @@ class DiffusionConfig:
     grid_seeds: int = opt(4, "columns (seeds) of the before/after grid")
     evaluator: str = opt("", "classifier folder that judges generated images (default: fmnist-classifier for the "
                          "bundled models; none otherwise)")
-    save_format: str = opt("pipeline", "how the erased model is written: a full diffusers folder, or only the changed "
-                           "UNet tensors (delta.safetensors; see erase.diffusion.export.load_delta)", ("pipeline", "delta"))
+    save_format: str = opt("pipeline", "how the erased model is written: a full diffusers folder (model/), a peft LoRA "
+                           "(lora/, for pipe.load_lora_weights; trains LoRA adapters), or only the changed UNet tensors "
+                           "(delta.safetensors; erase.diffusion.export.load_delta)", ("pipeline", "lora", "delta"))
+    lora_rank: int = opt(0, "train rank-r LoRA adapters on the UNet's attention projections instead of its weights "
+                         "(0: full weights; --save-format lora uses 4 unless set)")
+    lora_targets: str = opt("to_q,to_k,to_v,to_out.0", "comma-separated module names that get LoRA adapters")
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet (SD scale)")
     batch_size_gen: int = opt(32, "images per batch when generating")
 
@@ -60,6 +65,9 @@ class DiffusionTask(DiffusionOutputs):
     def __init__(self, cfg: DiffusionConfig, seed: int = 0, device: str | torch.device = "cpu"):
         self.cfg, self.seed = cfg, seed
         self.device = torch.device(device)
+        if cfg.save_format == "lora" and cfg.lora_rank == 0:
+            cfg.lora_rank = 4
+        self.lora = cfg.lora_rank > 0
         self.base: DiffusionBase = load_base(cfg.model, self.device, cfg.original_config)
         self.kind = self.base.kind
         self.fmnist = Path(cfg.model).name in FMNIST_MODELS or cfg.model in FMNIST_MODELS
@@ -224,9 +232,29 @@ class DiffusionTask(DiffusionOutputs):
         if from_scratch:
             raise EraseError("retraining a diffusion model from scratch is not offered; choose an erasure method")
         unet = self.base.unet
+        if self.cfg.save_format == "delta":  # the reference for "changed", taken before any adapter is added
+            self._base_state = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
         if self.cfg.gradient_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
             unet.enable_gradient_checkpointing()
+        if self.lora:
+            if self.kind != "sd":
+                raise EraseError("LoRA training is offered for Stable Diffusion UNets; DDPMs train their full weights")
+            from peft import LoraConfig
+
+            unet.requires_grad_(False)  # only the adapters train; the base weights stay as they are
+            targets = [t.strip() for t in self.cfg.lora_targets.split(",") if t.strip()]
+            unet.add_adapter(LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_rank,
+                                        init_lora_weights="gaussian", target_modules=targets))
         return unet
+
+    @contextmanager
+    def base_weights(self, unet):
+        """The base model's predictions from the same module: LoRA adapters switched off meanwhile."""
+        unet.disable_adapters()
+        try:
+            yield unet
+        finally:
+            unet.enable_adapters()
 
     def loss(self, model, batch: dict, **_) -> torch.Tensor:
         """Denoising MSE at a uniformly drawn timestep (target: noise, velocity, or a relabeled prediction)."""

@@ -16,6 +16,7 @@ and ∅ the null class; ``esd-x`` needs cross-attention, so DDPMs take ``esd-u``
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,9 @@ class _ESD(Method):
             raise EraseError("esd-x trains cross-attention, which a class-conditional DDPM does not have; use esd-u")
 
     def setup(self, ctx):
+        if getattr(ctx.task, "lora", False):
+            self.teacher = None  # LoRA: the teacher is the same UNet with its adapters switched off
+            return
         dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
         dt = self.config.teacher_dtype
         if dt == "auto":
@@ -76,13 +80,21 @@ class _ESD(Method):
     def phases(self, ctx):
         return [Phase("esd", self.config.max_steps, ())]
 
+    @contextmanager
+    def _teacher(self, ctx):
+        if self.teacher is None:
+            with ctx.task.base_weights(ctx.unwrapped) as base:
+                yield base
+        else:
+            yield self.teacher
+
     def target(self, ctx, x_t, t):
         task, n = ctx.task, x_t.shape[0]
         dev = x_t.device
-        with torch.no_grad():
-            tx = x_t.to(next(self.teacher.parameters()).dtype)
-            e0 = task.predict(self.teacher, tx, t, task.null_condition(n, dev)).float()
-            ec = task.predict(self.teacher, tx, t, task.concept_condition(n, dev)).float()
+        with torch.no_grad(), self._teacher(ctx) as teacher:
+            tx = x_t.to(next(teacher.parameters()).dtype)
+            e0 = task.predict(teacher, tx, t, task.null_condition(n, dev)).float()
+            ec = task.predict(teacher, tx, t, task.concept_condition(n, dev)).float()
         return e0 - self.config.negative_guidance * (ec - e0)
 
     def losses(self, batch, ctx):
@@ -90,8 +102,11 @@ class _ESD(Method):
         n = cfg.batch_size
         stop = int(torch.randint(0, cfg.ddim_steps, (1,)))
         seeds = torch.randint(0, 2**31 - 1, (n,)).tolist()
-        sampler = ctx.unwrapped if cfg.sampler == "student" else self.teacher
-        x_t, t = task.partial_sample(sampler, n, stop, cfg.ddim_steps, cfg.sample_guidance, seeds)
+        if cfg.sampler == "student":
+            x_t, t = task.partial_sample(ctx.unwrapped, n, stop, cfg.ddim_steps, cfg.sample_guidance, seeds)
+        else:
+            with self._teacher(ctx) as teacher:
+                x_t, t = task.partial_sample(teacher, n, stop, cfg.ddim_steps, cfg.sample_guidance, seeds)
         x_t = x_t.detach().to(ctx.device, torch.float32)
         t = torch.as_tensor(t, device=ctx.device).expand(n)
         pred = task.predict(ctx.model, x_t, t, task.concept_condition(n, ctx.device))

@@ -29,6 +29,13 @@ class SalUnConfig(RLConfig):
 class SalUn(RandomLabel):
     Config = SalUnConfig
 
+    def check_task(self, task):
+        if getattr(task, "lora", False):
+            from erase.errors import EraseError
+
+            raise EraseError("salun's saliency mask is defined on the model's own weights; train full weights "
+                             "(--lora-rank 0, --save-format pipeline or delta)")
+
     def setup(self, ctx):
         cfg = self.config
         if not 0 < cfg.mask_fraction <= 1:
