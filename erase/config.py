@@ -140,10 +140,26 @@ def resolve(run_layer: dict, task_layer: dict, method_layer: dict, file_cfg: dic
     method_cls = get_method(method_name, task_name)
     task_cfg = _merge(tasks[task_name][0], file_cfg.get(task_name, {}), task_layer)
     file_method = {k: v for k, v in file_cfg.get("method", {}).items() if k != "name"}
-    # Layers: the method's defaults < its defaults for this task < the YAML file < command-line flags.
-    method_cfg = _merge(method_cls.Config, method_cls.task_defaults.get(task_name, {}), file_method, method_layer)
+    # Layers: the method's defaults < its defaults for this task < the base model's recommended
+    # recipe (erase.yaml shipped beside the model) < the YAML file < command-line flags.
+    recipe = model_recipe(getattr(task_cfg, "model", ""), method_cls.name)
+    method_cfg = _merge(method_cls.Config, method_cls.task_defaults.get(task_name, {}), recipe, file_method, method_layer)
     method_cfg.validate()
     return Resolved(run, task_name, task_cfg, method_cls, method_cfg)
+
+
+def model_recipe(model: str, method: str) -> dict:
+    """Hyper-parameters a model folder recommends for ``method`` (``erase.yaml``: ``methods: {name: {...}}``)."""
+    if not model:
+        return {}
+    from erase.storage import ZOO_DIR
+
+    for folder in (Path(model).expanduser(), ZOO_DIR / model):
+        f = folder / "erase.yaml"
+        if f.is_file():
+            data = yaml.safe_load(f.read_text()) or {}
+            return dict((data.get("methods") or {}).get(method) or {})
+    return {}
 
 
 def build_parser(method_name: str | None, task_name: str, prog: str, description: str) -> argparse.ArgumentParser:

@@ -17,8 +17,8 @@ fi
 echo "== 2/4 retraining without the forget set (the gold standard)"
 $PY erase/train.py --method retrain --original "$OUT/original" --epochs 3 "${COMMON[@]}" --output-dir "$OUT/retrain" --overwrite
 echo "== 3/4 SalUn: random labels on the salient half of the weights"
-$PY erase/train.py --method salun --original "$OUT/original" "${COMMON[@]}" --epochs 2 --retain-epochs 0.25 \
-  --lr 0.01 --output-dir "$OUT/salun" --overwrite
+$PY erase/train.py --method salun --original "$OUT/original" "${COMMON[@]}" --epochs 3 --retain-epochs 0.25 \
+  --lr 0.013 --output-dir "$OUT/salun" --overwrite
 echo "== 4/4 report"
 $PY erase/evaluate.py "$OUT/salun" --retrain "$OUT/retrain" --output "$OUT/report"
 echo "demo wall time: $(( $(date +%s) - start )) s (outputs in $OUT/)"

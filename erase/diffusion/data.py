@@ -57,6 +57,20 @@ def cached(key: dict, build) -> LatentSet:
     return s
 
 
+def cached_tensor(key: dict, build) -> torch.Tensor:
+    """One tensor cached like :func:`cached` (e.g. the base model's evaluation images)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir() / f"{digest}.safetensors"
+    if path.is_file():
+        return load_safetensors(path)["x"].float()
+    x = build().half()  # stored and returned at the same precision, so cached and fresh runs agree
+    try:
+        save_safetensors({"x": x}, path, {"key": json.dumps(key, sort_keys=True)})
+    except EraseError:
+        pass
+    return x.float()
+
+
 def generate(sample_fn, conds: list[int], seeds: list[int], labels: list[int], batch_size: int, desc: str) -> LatentSet:
     """Run ``sample_fn(conds, seeds) -> UNet-space tensors`` in batches."""
     out = []

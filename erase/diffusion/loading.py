@@ -38,6 +38,15 @@ class DiffusionBase:
     folder: Path | None = None
 
     @property
+    def fingerprint(self) -> str:
+        """Identifies these weights for caches: the source plus the size and mtime of its weight files."""
+        root = self.folder or (Path(self.source) if Path(self.source).exists() else None)
+        if root is None:
+            return self.source
+        files = [root] if root.is_file() else sorted(root.rglob("*.safetensors")) + sorted(root.rglob("*.bin"))
+        return self.source + "|" + ";".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
+
+    @property
     def prediction_type(self) -> str:
         return self.scheduler.config.get("prediction_type", "epsilon")
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 
 def _evaluator(task):
     from erase.classifier.models import load_classifier
@@ -21,10 +23,15 @@ def _evaluator(task):
 class DiffusionOutputs:
     def before_training(self, model, out: Path) -> None:
         """Generate the base model's evaluation images (and judge them) before any weight changes."""
+        from erase.diffusion.data import cached_tensor
         from erase.diffusion.evaluation import accuracy_metrics, eval_groups, generate_groups
 
         self._groups = eval_groups(self)
-        self._before_images = generate_groups(self, model, self._groups)
+        key = {"base-images": self.base.fingerprint, "guidance": self.guidance, "steps": self.cfg.sample_steps,
+               "groups": [[g.name, str(g.cond), g.seeds] for g in self._groups]}
+        flat = cached_tensor(key, lambda: torch.cat(generate_groups(self, model, self._groups)))
+        sizes = [len(g.seeds) for g in self._groups]
+        self._before_images = list(flat.split(sizes))
         self._judge = _evaluator(self)
         self._before_metrics = accuracy_metrics(self, self._groups, self._before_images, self._judge) if self._judge else {}
 

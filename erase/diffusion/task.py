@@ -153,7 +153,7 @@ class DiffusionTask(DiffusionOutputs):
             r_lab = [cs.class_index.get(self.retain_prompts[c - len(self.forget_prompts)][0], -1) for c in r_cond]
         if cfg.n_forget < 1 and not cfg.forget_images:
             raise EraseError("--n-forget must be at least 1 (or pass --forget-images)")
-        key = {"model": self.base.source, "kind": self.kind, "guidance": self.guidance, "steps": cfg.sample_steps}
+        key = {"model": self.base.fingerprint, "kind": self.kind, "guidance": self.guidance, "steps": cfg.sample_steps}
         if cfg.forget_images:
             self.forget_set = self._from_folder(cfg.forget_images, f_cond[0], f_lab[0])
         else:
