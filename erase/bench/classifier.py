@@ -28,6 +28,7 @@ Outputs: ``<results>.json`` (every run's metrics, costs and paths), ``<results>.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -111,11 +112,43 @@ def val_forget(s: BenchSettings, scenario: str) -> tuple[str, int]:
     return f"class:{s.val_class}", 0
 
 
-def method_layer(name: str, s: BenchSettings, lr_mult: float) -> dict:
+# Budget knobs the generic rules cannot see. Any method not named here (e.g. one added later) gets the
+# generic rules: ``epochs`` scaled, every learning rate (``lr`` and ``*_lr`` fields) tuned.
+EXTRA_EPOCH_FIELDS = {  # lengths that --epochs does not set
+    "reinit_kp": ("cycle_epochs",),      # its length is the sum of the cycles (``epochs`` is unused)
+    "reset_distill": ("warmup_epochs",),  # distillation warm-up before its ``epochs``
+    "kl_uniform": ("stage1_epochs",),     # the KL-to-uniform pass before its rounds
+}
+TUNE_FIELDS = {  # closed-form methods: their step size / selection threshold instead of a learning rate
+    "iu": ("alpha",),
+    "ssd": ("alpha",),
+}
+
+
+def _scale_field(value, factor: float):
+    if isinstance(value, str):  # comma-separated epochs, e.g. reinit_kp's "2,1,1,1"
+        return ",".join(f"{float(v) * factor:.6g}" for v in value.split(",") if v.strip())
+    return round(float(value) * factor, 6)
+
+
+def tuned_fields(name: str, cfg) -> list[str]:
+    if name in TUNE_FIELDS:
+        return [f for f in TUNE_FIELDS[name] if hasattr(cfg, f)]
+    return [f.name for f in dataclasses.fields(cfg) if (f.name == "lr" or f.name.endswith("_lr"))
+            and isinstance(getattr(cfg, f.name), float) and getattr(cfg, f.name) > 0]
+
+
+def method_layer(name: str, s: BenchSettings, mult: float) -> dict:
+    """The method's config layer under the budget rule, with its tuned fields times ``mult``."""
     from erase.registry import get_method
 
     cfg = get_method(name, "classifier").Config()
-    layer = {"epochs": round(cfg.epochs * s.epoch_scale, 6), "lr": float(f"{cfg.lr * lr_mult:.6g}")}
+    layer = {"epochs": round(cfg.epochs * s.epoch_scale, 6)}
+    for f in EXTRA_EPOCH_FIELDS.get(name, ()):
+        if hasattr(cfg, f):
+            layer[f] = _scale_field(getattr(cfg, f), s.epoch_scale)
+    for f in tuned_fields(name, cfg):
+        layer[f] = float(f"{getattr(cfg, f) * mult:.6g}")
     layer.update(s.overrides.get(name, {}))
     return layer
 
@@ -236,7 +269,7 @@ class Bench:
             layer = method_layer(name, s, mult)
             out = sdir / "val" / name / short_hash(layer)
             rec = self.run(out, name, task_layer(s, vforget, vseed, original), layer, 0,
-                           f"{scenario} tune {name} lr={layer['lr']:g}")
+                           f"{scenario} tune {name} ×{mult:.3g}")
             row = {"lr_mult": mult, "method_config": layer, "status": rec["status"], "path": rec["path"]}
             if rec["status"] == "done":
                 row["steps"] = rec["run"]["steps"]
@@ -291,13 +324,16 @@ def _seed_row(rec: dict, ref: dict | None, seed: int) -> dict:
     if "forget_class_test_acc" in m:
         row["forget_class_test_acc"] = m["forget_class_test_acc"]
     if ref is not None and ref["status"] == "done":
-        row.update(gap_to_retrain(m, ref["metrics"]))
+        gaps = gap_to_retrain(m, ref["metrics"])
+        row.update({f"gap_{k}": v for k, v in gaps.items() if k != "avg_gap"})
+        row["avg_gap"] = gaps["avg_gap"]
         row["RTE_ratio"] = round(r["total_s"] / ref["run"]["total_s"], 4) if ref["run"]["total_s"] else None
     return row
 
 
 def _aggregate(rows: list[dict]) -> dict:
-    keys = ["UA", "RA", "TA", "MIA", "avg_gap", "RTE_s", "RTE_ratio", "steps", "forget_class_test_acc"]
+    keys = ["UA", "RA", "TA", "MIA", "gap_UA", "gap_RA", "gap_TA", "gap_MIA", "avg_gap", "RTE_s", "RTE_ratio", "steps",
+            "forget_class_test_acc"]
     out = {"n": sum(r["status"] == "done" for r in rows)}
     for k in keys:
         mean, std = mean_std([r.get(k) for r in rows if r["status"] == "done" and r.get(k) is not None])
@@ -337,6 +373,9 @@ def summarise(s: BenchSettings, scen_results: dict, methods: list[str], orig: di
                 continue
             srows = [_seed_row(rec, refs[i], i) for i, rec in enumerate(mres["seeds"])]
             entry = {"status": mres["status"], "tuning": mres["tuning"], "seeds": srows, "summary": _aggregate(srows)}
+            from erase.registry import get_method
+
+            entry["tuned_fields"] = tuned_fields(name, get_method(name, "classifier").Config())
             if "chosen" in mres:
                 entry["chosen"] = mres["chosen"]
                 entry["chosen_lr_mult"] = mres["chosen_lr_mult"]
@@ -370,14 +409,18 @@ def scenario_cost(res: dict) -> dict:
 def budget_rule(s: BenchSettings) -> str:
     grid = ", ".join(f"×{m:.3g}" for m in sorted(s.lr_grid))
     k = len(s.lr_grid)
-    tune = (f"each method tries the same k = {k} learning rates (its default {grid}) on seed 0 of a validation forget "
+    tune = (f"each method tries the same k = {k} settings (its default learning rates {grid}) on seed 0 of a validation forget "
             f"set (random: split #{s.val_split_seed}; class: class {s.val_class}) against a retrain on that set, and the "
             f"one with the smallest average gap runs on every seed" if k > 1 else
             "no tuning: every method runs its default learning rate (k = 1)")
+    extra = "; ".join(f"{m}: {', '.join(f)}" for m, f in EXTRA_EPOCH_FIELDS.items())
+    closed = "; ".join(f"{m}: {', '.join(f)}" for m, f in TUNE_FIELDS.items())
     return (f"every method runs its documented default epochs × {s.epoch_scale:g} (its default budget, scaled once for "
-            f"all methods: the papers' defaults assume a 160-182-epoch retrain, here retrain runs {s.epochs:g} epochs); "
-            f"{tune}; methods that train no step (closed form) run once at their defaults; per-method overrides: "
-            f"{json.dumps(s.overrides) if s.overrides else 'none'}")
+            f"all methods: the papers' defaults assume a 160-182-epoch retrain, here retrain runs {s.epochs:g} epochs; "
+            f"lengths not set by `epochs` are scaled too — {extra}); "
+            f"{tune}. \"Learning rates\" = every `lr` / `*_lr` field of the method (an `lr` of 0 meaning \"automatic\" "
+            f"stays 0); the closed-form methods tune their main knob instead ({closed}); a method that turns out to "
+            f"train no step runs once. Per-method overrides: {json.dumps(s.overrides) if s.overrides else 'none'}")
 
 
 def issue_checks(data: dict) -> dict:
@@ -437,7 +480,7 @@ def markdown(data: dict) -> str:
         lines.append("")
     for scenario, sc in data["scenarios"].items():
         lines += [f"## {scenario_title(scenario)}", ""]
-        cols = ["method", "UA", "RA", "TA", "MIA", "avg gap", "RTE (s)", "RTE / retrain", "lr", "steps"]
+        cols = ["method", "UA", "RA", "TA", "MIA", "avg gap", "RTE (s)", "RTE / retrain", "tuned", "steps"]
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|---|" + "|".join("---:" for _ in cols[1:]) + "|")
         order = sorted(sc["rows"].items(), key=lambda kv: _sort_key(kv[0], kv[1]))
@@ -452,9 +495,11 @@ def markdown(data: dict) -> str:
                 v = summ.get(k)
                 return fmt_pm(v["mean"], v["std"], d) if v else "—"
 
-            lr = row.get("chosen", {}).get("lr")
-            lr_txt = f"{lr:.3g}" + (f" (×{row['chosen_lr_mult']:.3g})" if row.get("chosen_lr_mult") not in (None, 1.0) else "") \
-                if lr is not None else ""
+            lr_txt = ""
+            if row.get("chosen") is not None:
+                fields = row.get("tuned_fields") or []
+                vals = ", ".join(f"{f} {row['chosen'][f]:.3g}" for f in fields[:2] if f in row["chosen"])
+                lr_txt = f"×{row.get('chosen_lr_mult', 1):.3g}" + (f": {vals}" if vals else "") + (" …" if len(fields) > 2 else "")
             steps = summ.get("steps", {}).get("mean")
             n = summ["n"]
             nm = name if n == data["settings"]["seeds"] else f"{name} ({n}/{data['settings']['seeds']} seeds)"

@@ -47,8 +47,8 @@ INTERVAL_BUFFER = 2.0
 
 def logit_scaled_confidence(logits, labels) -> np.ndarray:
     """log p_y − log Σ_{k≠y} p_k per row, in float64 (max-subtracted softmax, +1e-45 in the logs)."""
-    z = np.array(logits.detach().cpu() if isinstance(logits, torch.Tensor) else logits, dtype=np.float64)
-    y = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
+    z = np.array(logits.detach().cpu().numpy() if isinstance(logits, torch.Tensor) else logits, dtype=np.float64)
+    y = np.asarray(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
     if z.ndim != 2 or len(z) != len(y):
         raise ValueError("logits must be (N, C) and labels (N,)")
     z -= z.max(axis=1, keepdims=True)
