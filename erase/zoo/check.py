@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from erase.classifier.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from erase.classifier.models import load_classifier
+from erase.metrics.fid import EvaluatorFeatures, fid_metric  # noqa: F401  (one FID implementation)
 from erase.storage import atomic_write_json, atomic_write_text, resolve_model_dir
 from erase.zoo import captions
 from erase.zoo.cards import model_kind
@@ -33,31 +34,6 @@ from erase.zoo.sampling import load_ddpm, load_tiny_sd, sample_ddpm, sample_sd
 # Documented sampling settings of the check (also written into results and model cards).
 SD_SETTINGS = {"scheduler": "DDIM", "steps": 25, "guidance": 4.0}
 DDPM_SETTINGS = {"scheduler": "DDIM", "steps": 50, "guidance": 2.0}
-
-
-class EvaluatorFeatures(nn.Module):
-    """The evaluator's penultimate features as a torchmetrics FID feature network.
-
-    Input: images in [0, 1], float, (N, 1 or 3, H, W) (RGB is averaged to gray); output (N, d).
-    """
-
-    def __init__(self, classifier: nn.Module):
-        super().__init__()
-        self.classifier = classifier.eval()
-        self.num_features = classifier.fc.in_features
-
-    @torch.no_grad()
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        x = imgs.float()
-        if x.shape[1] == 3:
-            x = x.mean(dim=1, keepdim=True)
-        return self.classifier.features(x)
-
-
-def fid_metric(classifier: nn.Module):
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    return FrechetInceptionDistance(feature=EvaluatorFeatures(classifier), normalize=True)
 
 
 @torch.no_grad()

@@ -1,0 +1,248 @@
+"""Images from a base and an erased model on the same prompts and seeds, resumable and multi-process.
+
+Layout of an output folder (what ``erase/evaluate.py images`` reads back):
+
+    generation.json   settings that produced the images (a rerun with other settings is refused)
+    images.csv        one row per image: file, model, case_number, k, prompt, seed, guidance, negative_prompt, concept
+    base/<case>_<k>.png, erased/<case>_<k>.png
+    grids/<group>.png before/after grids, one per prompt group (a concept, or a prompt)
+
+Image k of a CSV row uses seed ``row.seed + k``, its own CPU generator: the same image whatever
+the batch, the process count or the device. Work is split across processes with accelerate's
+``PartialState.split_between_processes`` over the full job list (not just the missing images,
+so that every process computes the same split even while others are writing); each image is
+written atomically and skipped when it already exists, so an interrupted run resumes for free.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from erase.errors import EraseError
+from erase.prompts import PromptRow
+
+INDEX_COLUMNS = ["file", "model", "case_number", "k", "prompt", "seed", "guidance", "negative_prompt", "concept"]
+FMNIST_NAMES = ("fmnist-tiny-sd", "fmnist-ddpm")
+
+
+@dataclass
+class Job:
+    model: str
+    row: PromptRow
+    k: int
+    guidance: float
+
+    @property
+    def seed(self) -> int:
+        return self.row.seed + self.k
+
+    @property
+    def file(self) -> str:
+        return f"{self.model}/{_slug(self.row.case)}_{self.k}.png"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "x"
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+def _is_delta(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == "erase-unet-delta"
+    except Exception:  # not a safetensors file: let load_base report it
+        return False
+
+
+def _run_base(run: Path) -> str | None:
+    """The base model an erase run folder was trained from (its config.yaml)."""
+    import yaml
+
+    cfg = run / "config.yaml"
+    if not cfg.is_file():
+        return None
+    return (yaml.safe_load(cfg.read_text()) or {}).get("diffusion", {}).get("model")
+
+
+def resolve_erased(spec: str, base: str | None) -> tuple[str, Path | None, str | None]:
+    """(model to load, delta file or None, base implied by a run folder) for an ``--erased`` spec.
+
+    Accepts a diffusers folder, a ``delta.safetensors`` (applied to ``--base``), or an erase run
+    folder holding ``model/`` or ``delta.safetensors``.
+    """
+    p = Path(spec).expanduser()
+    if p.is_dir() and not (p / "model_index.json").is_file() and not (p / "unet").is_dir():
+        implied = _run_base(p)
+        if (p / "model").is_dir():
+            return str(p / "model"), None, implied
+        if (p / "delta.safetensors").is_file():
+            if not (base or implied):
+                raise EraseError(f"{p}/delta.safetensors needs its base model: pass --base")
+            return base or implied, p / "delta.safetensors", implied
+        raise EraseError(f"{p} holds neither a diffusers model, model/, nor delta.safetensors")
+    if p.is_file() and p.suffix == ".safetensors" and _is_delta(p):
+        if not base:
+            raise EraseError(f"{p} is an erase delta (changed UNet tensors only): pass --base with the model it was made from")
+        return base, p, None
+    return spec, None, None
+
+
+def load_generator(spec: str, device, delta: Path | None = None):
+    from erase.diffusion.export import load_delta
+    from erase.diffusion.loading import load_base
+
+    model = load_base(spec, device)
+    if delta is not None:
+        load_delta(model.unet, delta)
+        model.source = f"{model.source} + {delta}"
+    model.unet.eval()
+    return model
+
+
+def default_guidance(spec: str, kind: str) -> float:
+    fmnist = Path(spec).name in FMNIST_NAMES or spec in FMNIST_NAMES
+    return 4.0 if fmnist and kind == "sd" else 2.0 if kind == "ddpm" else 7.5
+
+
+def ddpm_class_names(model) -> list[str]:
+    """``class_names.json`` beside the UNet, else Fashion-MNIST / CIFAR-10 names for 10 classes, else indices."""
+    from erase.classifier.data import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
+
+    k = model.unet.config.num_class_embeds - 1
+    f = model.folder / "class_names.json" if model.folder else None
+    if f is not None and f.is_file():
+        return json.loads(f.read_text())
+    if k == 10:
+        return list(FASHION_MNIST_CLASSES) if "fmnist" in str(model.source) else list(CIFAR10_CLASSES)
+    return [str(i) for i in range(k)]
+
+
+@torch.no_grad()
+def render(model, jobs: list[Job], steps: int) -> torch.Tensor:
+    """Images in [0, 1] for jobs that share one guidance value."""
+    from erase.diffusion.sampling import sample_ddpm
+
+    gens = [torch.Generator().manual_seed(j.seed) for j in jobs]
+    g = jobs[0].guidance
+    if model.kind == "ddpm":
+        names = [n.lower() for n in ddpm_class_names(model)]
+        labels = []
+        for j in jobs:
+            c = j.row.concept.strip().lower()
+            if c.isdigit() and int(c) < len(names):
+                labels.append(int(c))
+            elif c in names:
+                labels.append(names.index(c))
+            else:
+                raise EraseError(f"prompt row {j.row.case}: {j.row.concept!r} is not a class of this DDPM ({', '.join(names)})")
+        x, _ = sample_ddpm(model.unet, model.scheduler, labels, [j.seed for j in jobs], g, steps,
+                           model.unet.config.num_class_embeds - 1)
+        return ((x.float() + 1) / 2).clamp(0, 1).cpu()
+    out = model.pipe(prompt=[j.row.prompt for j in jobs], negative_prompt=[j.row.negative_prompt for j in jobs],
+                     guidance_scale=g, num_inference_steps=steps, generator=gens, output_type="pt")
+    return out.images.float().clamp(0, 1).cpu()
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+def save_png(img: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    from erase.storage import atomic_path
+
+    arr = (img.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    arr = arr.expand(3, -1, -1) if arr.shape[0] == 1 else arr
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+
+
+def load_png(path: Path) -> torch.Tensor:
+    """A PNG as float RGB in [0, 1], (3, H, W)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+
+
+def write_index(out: Path, jobs: list[Job]) -> Path:
+    from erase.storage import atomic_path
+
+    path = out / "images.csv"
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(INDEX_COLUMNS)
+        for j in jobs:
+            w.writerow([j.file, j.model, j.row.case, j.k, j.row.prompt, j.seed, j.guidance, j.row.negative_prompt,
+                        j.row.concept])
+    return path
+
+
+def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse to mix images made with other settings into one folder (resume needs the same ones)."""
+    from erase.storage import atomic_write_json
+
+    f = out / "generation.json"
+    if f.is_file() and not overwrite:
+        old = json.loads(f.read_text())
+        keys = ("models", "steps", "images_per_prompt", "prompts_sha256", "guidance")
+        diff = [k for k in keys if old.get(k) != settings.get(k)]
+        if diff:
+            raise EraseError(f"{out} holds images generated with other settings (differs in: {', '.join(diff)}); "
+                             "pass another --output-dir, or --overwrite to replace them")
+    if overwrite:
+        import shutil
+
+        for m in settings["models"]:
+            shutil.rmtree(out / m, ignore_errors=True)
+    atomic_write_json(settings, f)
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_grids(out: Path, jobs: list[Job], models: list[str], seeds: int = 4, prompts_per_grid: int = 4) -> list[Path]:
+    """One before/after grid per prompt group: up to ``prompts_per_grid`` prompts x ``seeds`` images.
+
+    Columns are the first images of a prompt in CSV order (its k = 0, 1, … and further rows with
+    the same prompt, as in ESD's Imagenette CSV), the same files for both models.
+    """
+    from erase.diffusion.grid import before_after_grid
+    from erase.storage import atomic_path
+
+    if len(models) < 2:
+        return []
+    groups: dict[str, dict[str, list[Job]]] = {}
+    for j in jobs:
+        if j.model != models[0]:
+            continue
+        prompts = groups.setdefault(j.row.group, {})
+        key = j.row.prompt or f"class {j.row.concept}"
+        if key in prompts or len(prompts) < prompts_per_grid:
+            cols = prompts.setdefault(key, [])
+            if len(cols) < seeds:
+                cols.append(j)
+    written = []
+    for group, prompts in groups.items():
+        rows = []
+        for label, cols in prompts.items():
+            before = torch.stack([load_png(out / j.file) for j in cols])
+            after = torch.stack([load_png(out / Job(models[1], j.row, j.k, j.guidance).file) for j in cols])
+            rows.append((label, before, after))
+        path = out / "grids" / f"{_slug(group)}.png"
+        with atomic_path(path) as tmp:
+            before_after_grid(rows).save(tmp, format="PNG")
+        written.append(path)
+    return written
