@@ -406,3 +406,13 @@ def test_ssd_rebatch_straddles_views():
     out = [b["label"].tolist() for b in rebatch(parts, 4)]
     assert out == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     assert [b["label"].tolist() for b in rebatch(parts[:2], 4)] == [[0, 1, 2, 3], [4, 5, 6]]
+
+
+@pytest.mark.parametrize("name", CATALOGUE_A)
+def test_flags_do_not_clash_with_task_or_run_flags(name):
+    from erase.config import build_parser, task_registry
+
+    tasks = [t for t in erase.get_method(name).tasks if t in task_registry()]
+    assert tasks
+    for task in tasks:
+        build_parser(name, task, "erase/train.py", "test")

@@ -21,6 +21,8 @@ to g_0, and k − v lies in span(g_0): the reference does *not* apply the empiri
 sample). We reproduce the reference by default (``--hessian reference``); ``--hessian woodbury``
 applies the intended inverse exactly, k = (I + Gᵀ G/N)⁻¹ v = v − Gᵀ (N·I + G Gᵀ)⁻¹ G v over the same
 N + 2 samples, which stores all of G (samples × parameters floats; refused above 2 GiB).
+Gradients see the task's training augmentation, as the reference's loaders do (the classifier
+task's ``--no-augment`` turns it off); the augmentation draws are seeded by the run's seed.
 
 Default α: the code default ``--alpha 0.2`` is a placeholder shared by several methods and the
 READMEs give no value. The SalUn paper is quoted (second-hand, OPTML-Group/Unlearn-Saliency
@@ -48,7 +50,6 @@ class IUConfig(MethodConfig):
     fisher_samples: int = opt(1000, "N of the WoodFisher recursion; it reads the first N + 2 retain samples")
     hessian: str = opt("reference", "inverse-Fisher approximation: the reference's recursion, or the exact "
                        "Woodbury inverse of I + ΣggᵀN⁻¹ it approximates", ("reference", "woodbury"))
-    augment: bool = opt(True, "use training augmentation for the gradients (the reference's loaders do)")
 
     def validate(self) -> None:
         super().validate()
@@ -75,7 +76,7 @@ class InfluenceUnlearning(Method):
     def gradient_sum(self, ctx, params, name: str) -> tuple[torch.Tensor, int]:
         """(Σ_i ∇ℓ_i over the view, its size): batch-mean gradients times batch sizes."""
         total, count = None, 0
-        for batch in ctx.task.iterate(name, augment=self.config.augment):
+        for batch in ctx.task.iterate(name, augment=True):
             n = len(batch["label"])
             g = self._flat_grad(ctx, params, batch) * n
             total = g if total is None else total + g
@@ -86,7 +87,7 @@ class InfluenceUnlearning(Method):
         """Per-sample retain gradients, in dataset order: the first N + 2 (the reference's loop)."""
         limit = self.config.fisher_samples + 2
         seen = 0
-        for batch in ctx.task.iterate("retain", augment=self.config.augment):
+        for batch in ctx.task.iterate("retain", augment=True):
             for i in range(len(batch["label"])):
                 yield self._flat_grad(ctx, params, _sample(batch, i))
                 seen += 1
@@ -129,10 +130,12 @@ class InfluenceUnlearning(Method):
         if m * d * v.element_size() > MAX_WOODBURY_BYTES:
             raise EraseError(f"--hessian woodbury would store {m} x {d} gradients "
                              f"({m * d * v.element_size() / 2**30:.1f} GiB); lower --fisher-samples")
-        g = torch.stack(list(self.sample_gradients(ctx, params))).double()
-        vd = v.double()
-        inner = torch.linalg.solve(big_n * torch.eye(len(g), dtype=g.dtype, device=g.device) + g @ g.T, g @ vd)
-        return (vd - g.T @ inner).to(v.dtype)
+        g = torch.stack(list(self.sample_gradients(ctx, params)))
+        with torch.no_grad():
+            gram = (g @ g.T).double()
+            eye = torch.eye(len(g), dtype=gram.dtype, device=gram.device)
+            inner = torch.linalg.solve(big_n * eye + gram, (g @ v).double())
+            return v - g.T @ inner.to(g.dtype)
 
     def apply(self, ctx):
         k = self.direction(ctx)
