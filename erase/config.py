@@ -89,6 +89,9 @@ def add_fields(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: t
         if t is dict or typing.get_origin(t) is dict:
             kwargs["type"] = _yaml_mapping
             metavar = "YAML"
+        elif t is list or typing.get_origin(t) is list:
+            kwargs["type"] = _yaml_list
+            metavar = "LIST"
         else:
             kwargs["type"] = t
             metavar = t.__name__.upper()
@@ -101,6 +104,14 @@ def _yaml_mapping(text: str) -> dict:
     value = yaml.safe_load(text)
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a mapping like '{{name: 1.0}}', got {text!r}")
+    return value
+
+
+def _yaml_list(text: str) -> list:
+    """'[1, 2]' or '1,2' -> a list (YAML-typed items)."""
+    value = yaml.safe_load(text if text.strip().startswith("[") else f"[{text}]")
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a list like '1,2,3', got {text!r}")
     return value
 
 

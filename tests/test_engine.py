@@ -207,3 +207,23 @@ def test_phase_optimizers_lrs_and_float_masks(tmp_path):
 
     saved = _t.load(tmp_path / "checkpoints" / "step-000004" / "optimizer.pt", weights_only=True)
     assert set(saved) == {"one", "two"}
+
+
+def test_phase_lr_at_sets_the_exact_learning_rate(tmp_path):
+    seen = []
+
+    class Curve(Method):
+        name = "curve"
+        tasks = ("classifier",)
+        streams = ("retain",)
+        default_weights = {"ce": 1.0}
+
+        def phases(self, ctx):
+            return [Phase("a", 3, ("retain",), lr_at=lambda i: 0.1 / (i + 1))]
+
+        def losses(self, batch, ctx):
+            seen.append(round(ctx.accelerator._optimizers[0].param_groups[0]["lr"], 5))
+            return {"ce": ctx.task.loss(ctx.model, batch["retain"])}
+
+    run_method(Curve(MethodConfig(batch_size=8)), make_ctx(ToyTask(), toy_model(), tmp_path), LoopSettings(progress=False))
+    assert seen == [0.1, 0.05, 0.03333]

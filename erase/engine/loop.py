@@ -121,7 +121,7 @@ def run_method(method: Method, ctx: RunContext, settings: LoopSettings) -> dict:
             first = max(start - phase_start, 0)
             if first == 0 and phase.on_start is not None:
                 ctx.global_step = phase_start
-                torch.manual_seed(_step_seed(ctx.seed, phase_start, -1, acc.process_index))
+                torch.manual_seed(_step_seed(ctx.seed, phase_start, -1, 0))  # same on every rank: edits weights
                 phase.on_start(ctx)
             step_mask = masker
             if phase.masks is not None:
@@ -130,7 +130,9 @@ def run_method(method: Method, ctx: RunContext, settings: LoopSettings) -> dict:
             for i in range(first, phase.steps):
                 global_step = phase_start + i
                 ctx.global_step = global_step
-                if phase.schedule:
+                if phase.lr_at is not None:
+                    lr = phase.lr_at(i)
+                elif phase.schedule:
                     lr = base_lr * lr_factor(phase.schedule, i, phase.steps)
                 else:
                     lr = base_lr * lr_factor(cfg.lr_schedule, global_step, total, cfg.warmup_steps)

@@ -70,7 +70,9 @@ class Phase:
     ``lr`` replaces the method's base learning rate and ``lr_scale`` multiplies it; ``schedule``
     gives the phase its own learning-rate schedule over its own steps (default: the method's
     schedule over the whole run). Phases naming the same ``optimizer`` share its state (momentum);
-    a new name gets a fresh optimiser with this phase's ``weight_decay``. ``masks`` replaces the
+    a new name gets a fresh optimiser with this phase's ``weight_decay``. ``lr_at(i)``, if given, is
+    the exact learning rate at the phase's i-th step (for a curve that spans several phases; it
+    replaces ``lr``/``lr_scale``/``schedule``). ``masks`` replaces the
     method's parameter masks while the phase runs (bool or float, see ``ParameterMask``).
     """
 
@@ -85,6 +87,7 @@ class Phase:
     optimizer: str = "main"
     weight_decay: float | None = None
     masks: dict | None = None
+    lr_at: Callable[[int], float] | None = None
 
 
 class Method:

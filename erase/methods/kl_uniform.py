@@ -17,10 +17,10 @@ and the port in xcadet/deepunlearn @ 6830ff6 ``munl/unlearning/kgltop1.py``.
       best batch B = 256), momentum 0.9, weight decay 1e-2, no schedule.
   The three optimisers keep their own momentum (Phase optimizer keys ``stage1``/``forget``/``retain``).
 
-Deviations, both small:
-* The reference's cosine schedule is stepped per forget batch across all rounds; the engine's phase
-  schedules span one phase, so each forget round runs at a constant lr equal to the mean of the
-  reference's per-step values over that round (the total step size per round is the same).
+The reference's cosine schedule is stepped per forget batch across all rounds; each forget round
+gives the engine that exact curve through ``Phase.lr_at``.
+
+Deviation (small):
 * The reference's forget round draws retain batches from a second, independent retain loader; here
   forget and retain rounds share the one retain stream (same shuffling-without-replacement per pass,
   the retain round's epochs simply start at a different offset).
@@ -83,14 +83,14 @@ class KLUniform(Method):
         cfg = self.config
         return cfg.lr if cfg.lr > 0 else 0.001 * cfg.batch_size / 64
 
+    def forget_lr(self, k: int, total: int) -> float:
+        """The reference's CosineAnnealingLR(T_max = rounds·steps, eta_min) at forget-round step ``k``."""
+        cfg = self.config
+        return cfg.forget_min_lr + (cfg.forget_lr - cfg.forget_min_lr) * (1 + math.cos(math.pi * k / total)) / 2
+
     def forget_round_lrs(self, rounds: int, steps: int) -> list[float]:
-        """Mean, per round, of the reference's per-step CosineAnnealingLR(T_max = rounds·steps) values."""
-        cfg, total = self.config, rounds * steps
-
-        def at(k: int) -> float:
-            return cfg.forget_min_lr + (cfg.forget_lr - cfg.forget_min_lr) * (1 + math.cos(math.pi * k / total)) / 2
-
-        return [sum(at(e * steps + i) for i in range(steps)) / steps for e in range(rounds)]
+        """Mean learning rate of each forget round (for reports; the rounds run the exact per-step curve)."""
+        return [sum(self.forget_lr(e * steps + i, rounds * steps) for i in range(steps)) / steps for e in range(rounds)]
 
     def phases(self, ctx):
         cfg = self.config
@@ -100,7 +100,8 @@ class KLUniform(Method):
         rounds = max(0, round(cfg.epochs))
         for e, lr in enumerate(self.forget_round_lrs(rounds, n_forget)):
             phases.append(Phase(f"forget-{e}", n_forget, ("forget", "retain"), lr=lr, optimizer="forget",
-                                weight_decay=cfg.forget_weight_decay))
+                                weight_decay=cfg.forget_weight_decay,
+                                lr_at=lambda i, e=e: self.forget_lr(e * n_forget + i, rounds * n_forget)))
             phases.append(Phase(f"retain-{e}", n_retain, ("retain",), lr=self.retain_lr(), optimizer="retain",
                                 weight_decay=cfg.weight_decay))
         return cap(phases, cfg.max_steps)
