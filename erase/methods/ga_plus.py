@@ -43,6 +43,9 @@ class GAPlusConfig(MethodConfig):
 @register_method("ga_plus")
 class GradientAscentPlus(Method):
     tasks = ("classifier", "diffusion")
+    # No reference for diffusion: the optimiser of SalUn's Stable Diffusion baselines, as ft / ga use.
+    task_defaults = {"diffusion": {"optimizer": "adam", "lr": 1e-5, "weight_decay": 0.0,
+                                   "batch_size": 8, "epochs": 5.0}}
     Config = GAPlusConfig
     streams = ("retain", "forget")  # the first stream sizes an epoch: passes over the retain set
     default_weights = {"retain_loss": 1.0, "forget_loss": -1.0}

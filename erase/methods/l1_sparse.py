@@ -50,6 +50,9 @@ class L1SparseConfig(MethodConfig):
 @register_method("l1_sparse")
 class L1Sparse(Method):
     tasks = ("classifier", "diffusion")
+    # No reference for diffusion: the optimiser of SalUn's Stable Diffusion baselines, as ft / ga use.
+    task_defaults = {"diffusion": {"optimizer": "adam", "lr": 1e-5, "weight_decay": 0.0,
+                                   "batch_size": 8, "epochs": 5.0}}
     Config = L1SparseConfig
     streams = ("retain",)
     default_weights = {"retain_loss": 1.0, "l1": 1.0}
