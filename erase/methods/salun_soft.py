@@ -21,7 +21,9 @@ Everything else is SalUn's (this class subclasses :class:`~erase.methods.salun.S
 labels on Df and true labels on Dr — sequential passes for classifiers (the reference's SVHN
 branch of ``RL_proximal`` and SalUn's current RL), joint steps for diffusion (as the SD script) —
 SGD lr 0.013, momentum 0.9, weight decay 5e-4, batch 256, 10 epochs. The only published command
-(README before f31f82e) used lr 0.1 for both SalUn and its soft variant.
+(README before f31f82e) used lr 0.1 for both SalUn and its soft variant. On a diffusion task the
+inherited defaults (Adam, lr 1e-5, batch 8, 5 epochs) match ``proximal_gradient.py``'s; that script
+weights the retain loss by ``--alpha`` (default 0.1): ``--loss-weights '{retain_loss: 0.1}'``.
 
 Deviations from the reference, and why:
 * θo is the original model. The SD script anchors at the original too, but the classifier's
