@@ -39,6 +39,27 @@ def atomic_path(path: str | Path):
         raise
 
 
+@contextmanager
+def atomic_dir(final: str | Path):
+    """Yield a temporary folder beside ``final``; on success it replaces ``final`` in one rename."""
+    import shutil
+
+    final = Path(final)
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EraseError(f"could not write {final}: {err.strerror or err}") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def atomic_write_text(text: str, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

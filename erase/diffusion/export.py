@@ -8,19 +8,16 @@ base model. Both are written into a temporary folder / file and renamed into pla
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
 from erase.errors import EraseError
-from erase.storage import load_safetensors, save_safetensors
+from erase.storage import atomic_dir, load_safetensors, save_safetensors
 
 
 def save_pipeline(task, unet, out: Path) -> Path:
-    final, tmp = out / "model", out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out / "model") as tmp:
         if task.kind == "ddpm":
             unet.save_pretrained(tmp / "unet", safe_serialization=True)
             task.scheduler.save_pretrained(tmp / "scheduler")
@@ -32,12 +29,7 @@ def save_pipeline(task, unet, out: Path) -> Path:
                 pipe.save_pretrained(tmp, safe_serialization=True)
             finally:
                 pipe.unet = original
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise EraseError(f"could not write the erased model to {final}: {err.strerror or err}") from err
-    return final
+    return out / "model"
 
 
 def save_lora(task, unet, out: Path) -> Path:
@@ -45,17 +37,10 @@ def save_lora(task, unet, out: Path) -> Path:
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    final, tmp = out / "lora", out / ".lora.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out / "lora") as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(unet),
                                                   safe_serialization=True)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise EraseError(f"could not write the LoRA weights to {final}: {err.strerror or err}") from err
-    return final
+    return out / "lora"
 
 
 def merge_lora(unet) -> None:

@@ -8,7 +8,6 @@ so a crash mid-save never leaves a half checkpoint that ``--resume`` would pick.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from erase.errors import EraseError
-from erase.storage import load_state_dict_strict, save_safetensors, torch_load_safe
+from erase.storage import atomic_dir, load_state_dict_strict, save_safetensors, torch_load_safe
 
 _STEP = re.compile(r"^step-(\d+)$")
 
@@ -35,18 +34,10 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizers: dict, state: dict, keep: int = 2) -> Path:
     final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(final) as tmp:
         save_safetensors(model.state_dict(), tmp / "model.safetensors")
         torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise EraseError(f"could not write checkpoint {final}: {err.strerror or err}") from err
     for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
