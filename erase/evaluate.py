@@ -134,7 +134,7 @@ def model_main(argv, run_defaults: dict | None = None) -> int:
     generate(a, a.output_dir, progress=not a.no_progress)
     from accelerate import PartialState
 
-    if not PartialState().is_main_process:
+    if not PartialState().is_main_process:  # the state generate() set up
         return 0  # generation was split; scoring runs once
     names = " vs ".join(filter(None, [a.base and f"base {a.base}", a.erased and f"erased {a.erased}"]))
     score_folder(a.output_dir, a.output_dir, a, f"Evaluation: {names}" + (f", concept {a.concept!r}" if a.concept else ""))

@@ -79,7 +79,9 @@ def generate(args, out, progress: bool = True) -> dict:
         specs = {"base": (base, None), **specs}
     if not specs:
         raise EraseError("nothing to generate: pass --base and/or --erased")
-    state = PartialState()
+    from erase.runner import _has_accelerator
+
+    state = PartialState(cpu=not _has_accelerator())  # accelerate sets up multi-process CPU (gloo) only when told cpu=True
     settings = {"models": {m: str(s) + (f" + {d}" if d else "") for m, (s, d) in specs.items()},
                 "prompts": str(args.prompts), "prompts_sha256": G.file_sha256(args.prompts)[:16], "rows": len(rows),
                 "images_per_prompt": args.images_per_prompt, "steps": args.steps, "guidance": args.guidance,

@@ -71,16 +71,17 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[PromptRow]:
         raw = list(reader)
     cols = {k: _pick(header, k) for k in ALIASES}
     label_col = header.get("class") or header.get("label")
-    if cols["prompt"] is None:
+    if cols["prompt"] is None and label_col is None:
         raise EraseError(f"prompt file {path} has no 'prompt' column (columns: {', '.join(reader.fieldnames)}); "
-                         "expected prompt[,seed|evaluation_seed][,guidance][,negative_prompt][,label|class][,case_number]")
+                         "expected prompt[,seed|evaluation_seed][,guidance][,negative_prompt][,label|class][,case_number] "
+                         "(a class-conditional DDPM needs only label)")
     if not raw:
         raise EraseError(f"prompt file {path} has a header but no prompts")
     used = {c for c in (*cols.values(), label_col) if c}
     rows, seen = [], set()
     for i, r in enumerate(raw[:limit] if limit else raw):
         line = i + 2  # 1-based, after the header
-        prompt = (r.get(cols["prompt"]) or "").strip()
+        prompt = (r.get(cols["prompt"]) or "").strip() if cols["prompt"] else ""
         concept = (r.get(label_col) or "").strip() if label_col else ""
         if not prompt and not concept:
             raise EraseError(f"{path}, line {line}: empty prompt (and no label)")
