@@ -24,6 +24,7 @@ class RunContext:
     total_steps: int = 0
     phase: str = ""
     state: dict = field(default_factory=dict)  # free scratch space for a method across hooks
+    progress: bool = True       # show progress bars (also for a method's own passes)
 
     @property
     def device(self) -> torch.device:

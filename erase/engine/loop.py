@@ -47,6 +47,7 @@ def run_method(method: Method, ctx: RunContext, settings: LoopSettings) -> dict:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    ctx.progress = settings.progress and acc.is_local_main_process
 
     missing = [s for s in method.streams if s not in ctx.views]
     if missing:
@@ -167,6 +168,7 @@ def run_method(method: Method, ctx: RunContext, settings: LoopSettings) -> dict:
                     for k, v in terms.items():
                         logged[k] = logged.get(k, 0.0) + float(v.detach()) / ctx.grad_accum
                     logged["loss"] = logged.get("loss", 0.0) + float(loss.detach()) / ctx.grad_accum
+                method.after_step(ctx)  # ctx.global_step is still the step just taken
                 done = global_step + 1
                 ctx.global_step = done
                 bar.update(1)

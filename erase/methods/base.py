@@ -8,6 +8,7 @@ A method never owns a loop. The engine calls, in order:
 3. for each :class:`Phase` of ``phases(ctx)``: ``losses(batch, ctx)`` every step, where ``batch``
    maps the phase's stream names to batches; the engine weights the returned terms by
    ``config.loss_weights`` (defaults in ``default_weights``), sums, and steps the optimiser;
+   then ``after_step(ctx)`` (e.g. a proximal step on the weights);
 4. ``finalize(ctx)`` — optional last edit (e.g. dropping a shadow class).
 """
 
@@ -129,6 +130,9 @@ class Method:
 
     def losses(self, batch: dict[str, Any], ctx: RunContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} declares streams but no losses()")
+
+    def after_step(self, ctx: RunContext) -> None:
+        """Runs after every optimiser step (after masks are restored), before checkpointing (optional)."""
 
     def finalize(self, ctx: RunContext) -> None:
         """Last edit after training (optional)."""

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from erase.errors import EraseError
+from erase.methods._layers import classifier_head
 from erase.methods.base import Method, MethodConfig, opt
 from erase.registry import register_method
 
@@ -41,15 +42,6 @@ class BoundaryExpandConfig(MethodConfig):
     lr: float = opt(1e-5, "learning rate")
     weight_decay: float = opt(0.0, "weight decay (the original code uses none)")
     batch_size: int = opt(64, "examples per optimiser step")
-
-
-def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The classifier head: the last ``nn.Linear`` in registration order (``fc`` of a ResNet)."""
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
-        raise EraseError(f"boundary_expand needs a model whose classifier head is an nn.Linear; "
-                         f"{type(model).__name__} has none")
-    return found[-1]
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -67,7 +59,7 @@ class BoundaryExpand(Method):
 
     def setup(self, ctx):
         model = ctx.unwrapped
-        name, head = last_linear(model)
+        name, head = classifier_head(model)
         classes = getattr(ctx.task, "num_classes", head.out_features)
         if head.out_features != classes:
             raise EraseError(f"boundary_expand: the last nn.Linear ({name}) has {head.out_features} outputs, "

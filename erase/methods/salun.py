@@ -50,7 +50,7 @@ class SalUn(RandomLabel):
             torch.manual_seed(ctx.seed)  # the augmentation of the forget batches
             scores = gradient_statistics(
                 ctx.unwrapped, ctx.task.loss, ctx.task.iterate("forget", augment=True),
-                power=1, reduce="sum_then_abs", device=ctx.device, desc="saliency")
+                power=1, reduce="sum_then_abs", device=ctx.device, desc="saliency", progress=ctx.progress)
             masks = topk_masks(scores, cfg.mask_fraction, cfg.mask_scope)
             if ctx.accelerator.is_main_process:
                 save_masks(masks, cached, {"fraction": cfg.mask_fraction, "scope": cfg.mask_scope})

@@ -32,9 +32,8 @@ Deviations from the reference, and why:
 * r is recomputed every step (SD script, SVHN branch); the CIFAR branch computes it once per epoch.
 * The CIFAR branch concatenates relabeled forget data and retain data into one shuffled loader;
   our classifier pairing is SalUn's current sequential one (see rl.py).
-* The engine has no after-step hook, so the thresholding for step t is applied at the start of
-  step t + 1 (before its forward pass) and after the last step in ``finalize`` — the same
-  sequence of weights. Checkpoints therefore hold the not-yet-thresholded weights of their step.
+* The thresholding runs in the engine's ``after_step`` hook, right after each optimiser step, so
+  checkpoints hold thresholded weights and a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -86,7 +85,6 @@ class SalUnSoft(SalUn):
             self.masks = None
         self._params = [p for p in ctx.unwrapped.parameters() if p.requires_grad]
         self._anchor = [p.detach().clone() for p in self._params]
-        self._done = -1  # last step whose thresholding has been applied
 
     def count_at(self, ctx, step: int) -> int:
         """r: coordinates returned to θo after optimiser step ``step`` (0-based) of ``ctx.total_steps``."""
@@ -106,14 +104,7 @@ class SalUnSoft(SalUn):
             s = factor[offset:offset + k].view_as(p)
             p.copy_(a + s * (p - a))
             offset += k
-        self._done = step
         ctx.state["prox_step"], ctx.state["prox_count"], ctx.state["prox_tau"] = step, count, tau
 
-    def losses(self, batch, ctx):
-        if ctx.global_step > 0 and self._done < ctx.global_step - 1:
-            self.proximal_step(ctx, ctx.global_step - 1)  # the thresholding after the previous step
-        return super().losses(batch, ctx)
-
-    def finalize(self, ctx):
-        if ctx.total_steps > 0 and self._done < ctx.total_steps - 1:
-            self.proximal_step(ctx, ctx.total_steps - 1)
+    def after_step(self, ctx):
+        self.proximal_step(ctx, ctx.global_step)

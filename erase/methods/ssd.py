@@ -72,9 +72,9 @@ class SelectiveSynapticDampening(Method):
         bs = self.config.batch_size
         stats = dict(power=2, reduce="mean_of_power", device=ctx.device)
         full = rebatch((b for name in ("retain", "forget") for b in ctx.task.iterate(name)), bs)
-        imp_d = gradient_statistics(ctx.unwrapped, ctx.task.loss, full, desc="importance on D", **stats)
+        imp_d = gradient_statistics(ctx.unwrapped, ctx.task.loss, full, desc="importance on D", progress=ctx.progress, **stats)
         imp_f = gradient_statistics(ctx.unwrapped, ctx.task.loss, rebatch(ctx.task.iterate("forget"), bs),
-                                    desc="importance on Df", **stats)
+                                    desc="importance on Df", progress=ctx.progress, **stats)
         return imp_d, imp_f
 
     def apply(self, ctx):

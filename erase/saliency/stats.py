@@ -23,6 +23,7 @@ def gradient_statistics(
     names: Callable[[str], bool] | None = None,
     device: torch.device | str | None = None,
     desc: str = "gradient statistics",
+    progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Accumulate gradient statistics of ``loss_fn(model, batch)`` over ``batches``.
 
@@ -43,7 +44,7 @@ def gradient_statistics(
     count = 0
     model.eval()
     try:
-        for batch in tqdm(batches, desc=desc, leave=False):
+        for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
             if device is not None:
                 from erase.engine.streams import move_to
 
