@@ -45,6 +45,6 @@ class RunContext:
         teacher.eval().requires_grad_(False)
         return teacher
 
-    def progress(self) -> float:
+    def fraction_done(self) -> float:
         """Fraction of training done, in [0, 1]."""
         return self.global_step / max(self.total_steps, 1)
