@@ -53,7 +53,9 @@ def write_plot(result: dict, path: Path) -> Path | None:
             ax.bar([j + i * width for j in range(len(labels))], [data[m].get(k) or 0 for k in labels], width, label=m)
         ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(labels))])
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-        ax.set_title(title)
+        top = max([v or 0 for m in models for v in data[m].values()] + [0])
+        ax.set_ylim(0, 105 if "%" in title else max(1, top * 1.15))  # a fixed scale: zero bars read as zero
+        ax.set_title(title + ("" if top else " — none"))
         ax.legend(fontsize=8)
     fig.tight_layout()
     from erase.storage import atomic_path

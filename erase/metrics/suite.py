@@ -153,7 +153,7 @@ def _fid(by_model, s: SuiteSettings, device, clip_bundle, result):
             continue
         for _, x in _batches(recs, s.batch_size):
             metric.update(x.to(device), real=False)
-        values[model] = round(float(metric.compute()), 4)
+        values[model] = round(float(metric.compute()), 4) + 0.0  # + 0.0: no '-0.0' in reports
         metric.reset()
         result["summary"][model][info["name"]] = values[model]
     return {"name": info["name"], "evaluator": info, "reference": desc, "reference_images": n_ref,
