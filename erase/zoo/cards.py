@@ -42,6 +42,15 @@ INTRO = {
 }
 
 
+# One command that rebuilds each model from scratch (defaults = the shipped recipe).
+REGENERATE = {
+    "classifier": "python -m erase.zoo.train_evaluator --output erase/zoo/fmnist-classifier",
+    "sd": "python -m erase.zoo.train_tiny_sd --output erase/zoo/fmnist-tiny-sd   # trains the VAE first",
+    "ddpm": "python -m erase.zoo.train_ddpm --output erase/zoo/fmnist-ddpm",
+}
+CHECK = "python -m erase.zoo check   # quality numbers below; --quick for a smoke run"
+
+
 def model_kind(model_dir: Path) -> str:
     index = model_dir / "model_index.json"
     if index.is_file():
@@ -64,11 +73,14 @@ def _training_section(title: str, rec: dict) -> list[str]:
             v = rec[key]
             lines.append(f"- {label}: {round(v, 5) if isinstance(v, float) else v}")
     if "seconds" in rec:
-        lines.append(f"- wall time: {_fmt_seconds(rec['seconds'])}")
+        lines.append(f"- wall time: {_fmt_seconds(rec['seconds'])}"
+                     + (f" ({rec['seconds_note']})" if rec.get("seconds_note") else ""))
     if "machine" in rec:
         lines.append(f"- machine: {rec['machine']}" + (f"; {rec['where']}" if rec.get("where") else ""))
     if "command" in rec:
         lines.append(f"- command: `{rec['command']}`")
+    if rec.get("note"):
+        lines.append(f"- note: {rec['note']}")
     return lines + [""]
 
 
@@ -116,7 +128,9 @@ def render(model_dir: str | Path) -> str:
         lines += _training_section(title, card["training"])
     if "quality" in card:
         lines += _quality_section(kind, card["quality"])
-    lines += ["## Use", "", "```python", usage, "```", "",
+    lines += ["## Regenerate", "", "```bash", REGENERATE[kind]]
+    lines += [CHECK] if kind != "classifier" else []
+    lines += ["```", "", "## Use", "", "```python", usage, "```", "",
               "Weights are fp16 safetensors; configs ask for float32 on load. No local paths are stored.", ""]
     return "\n".join(lines)
 

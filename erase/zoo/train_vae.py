@@ -51,7 +51,7 @@ def test_mse(vae: AutoencoderKL, test, n: int = 2000, batch: int = 250) -> float
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="folder for the trained VAE (diffusers format) and checkpoints")
-    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
