@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # Torch from local wheels on the project's build machines; elsewhere pip resolves the floors in pyproject.toml.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test setup data lint clean
+.PHONY: demo demo-classifier test setup data lint clean
 
 setup: $(STAMP) data
 
@@ -29,6 +29,9 @@ data:
 
 demo: setup
 	bash scripts/demo.sh
+
+demo-classifier: setup
+	bash scripts/demo_classifier.sh
 
 test: setup
 	$(PY) -m ruff check erase tests scripts
