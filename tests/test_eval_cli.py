@@ -177,3 +177,30 @@ def test_generate_splits_across_two_processes(world, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(list((out / "base").glob("*.png"))) == 6
     assert json.loads((out / "generation.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+def test_bundled_sd_before_and_after_an_erasure_in_ten_minutes(tmp_path):
+    """The issue's done-when: evaluate the bundled tiny SD before and after an erasure on 2 CPU cores."""
+    import time
+
+    from erase.storage import list_bundled_models
+
+    if not {"fmnist-tiny-sd", "fmnist-classifier"} <= set(list_bundled_models()):
+        pytest.skip("bundled fmnist-tiny-sd / fmnist-classifier not trained yet")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+    run = tmp_path / "esd-trouser"
+    train = [sys.executable, str(ROOT / "erase" / "train.py"), "--concept", "trouser", "--method", "esd-x", "--max-steps",
+             "20", "--save-format", "delta", "--n-forget", "8", "--n-retain", "8", "--eval-images", "2", "--no-progress",
+             "--output-dir", str(run)]
+    res = subprocess.run(train, capture_output=True, text=True, env=env, timeout=1800)
+    assert res.returncode == 0, res.stderr[-2000:]
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, str(ROOT / "erase" / "evaluate.py"), str(run), "--no-progress"],
+                         capture_output=True, text=True, env=env, timeout=900)
+    seconds = time.perf_counter() - t0
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((run / "evaluation" / "metrics.json").read_text())
+    assert m["fid"]["name"] == "FID-fmnist" and m["concept_accuracy"]["concept"] == "trouser" and "nudenet" in m
+    assert set(m["fid"]["values"]) == {"base", "erased"}
+    assert seconds <= 600, f"evaluation took {seconds:.0f} s"

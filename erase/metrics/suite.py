@@ -178,7 +178,7 @@ def _concept(by_model, s: SuiteSettings, device, clip_bundle, result):
         return None
     index = {c: judge.index(c) for c in concepts}
     unjudged = [c for c, i in index.items() if i is None]
-    judged = [c for c, i in index.items() if i is not None]
+    judged = sorted((c for c, i in index.items() if i is not None), key=index.get)  # the judge's class order
     if not judged:
         raise EraseError(f"the classifier ({judge.info['name']}) knows none of the concepts {concepts[:5]}; "
                          "choose another --classifier")
