@@ -204,3 +204,14 @@ def test_bundled_sd_before_and_after_an_erasure_in_ten_minutes(tmp_path):
     assert m["fid"]["name"] == "FID-fmnist" and m["concept_accuracy"]["concept"] == "trouser" and "nudenet" in m
     assert set(m["fid"]["values"]) == {"base", "erased"}
     assert seconds <= 600, f"evaluation took {seconds:.0f} s"
+
+
+def test_fid_fmnist_is_not_offered_for_photographs(tmp_path, capsys, monkeypatch):
+    """Without Inception weights, 'auto' FID falls back to FID-fmnist only for Fashion-MNIST-like images."""
+    from erase.diffusion.generation import save_png
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    for i in range(2):
+        save_png(torch.rand(3, 16, 16), tmp_path / "imgs" / f"{i}.png")
+    err = _one_line_error(capsys, ["images", str(tmp_path / "imgs"), "--label", "garbage truck", "--metrics", "fid"])
+    assert "--inception-weights" in err and "--metrics concept,nudenet" in err and "fmnist-classifier" not in err

@@ -98,9 +98,12 @@ def resolve_erased(spec: str, base: str | None) -> tuple[str, Path | None, str |
 
 
 def load_generator(spec: str, device, delta: Path | None = None):
+    from transformers.utils import logging as transformers_logging
+
     from erase.diffusion.export import load_delta
     from erase.diffusion.loading import load_base
 
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars per model are noise in generation logs
     model = load_base(spec, device)
     if delta is not None:
         load_delta(model.unet, delta)

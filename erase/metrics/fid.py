@@ -121,11 +121,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_fid(features: str = "auto", inception_weights: str | None = None, device="cpu"):
+def build_fid(features: str = "auto", inception_weights: str | None = None, device="cpu", fmnist_images: bool = True):
     """``features``: "auto" | "inception" | an erase classifier folder or bundled name.
 
     Returns (metric, evaluator record). "auto" is Inception when its weights are available, else
-    the bundled ``fmnist-classifier``; an explicit "inception" without weights is an error.
+    the bundled ``fmnist-classifier`` — but only for Fashion-MNIST-like images (``fmnist_images``):
+    its features say nothing about photographs, so there "auto" without Inception is an error.
+    An explicit "inception" without weights is an error too.
     """
     from importlib.metadata import version
 
@@ -139,6 +141,9 @@ def build_fid(features: str = "auto", inception_weights: str | None = None, devi
             return inception_fid(weights).to(device), info
         if features == "inception":
             raise EraseError(NO_INCEPTION)
+        if not fmnist_images:
+            raise EraseError(NO_INCEPTION.split(" or use ")[0] + " or leave FID out with --metrics concept,nudenet "
+                             "(FID-fmnist only suits Fashion-MNIST-like images)")
         features = "fmnist-classifier"
     from erase.classifier.models import load_classifier
     from erase.storage import resolve_model_dir

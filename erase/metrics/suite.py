@@ -130,8 +130,12 @@ def evaluate_images(recs: list[ImageRecord], settings: SuiteSettings, device="cp
 
 def _fid(by_model, s: SuiteSettings, device, clip_bundle, result):
     from erase.metrics.fid import build_fid
+    from erase.zoo.captions import CLASS_NAMES
 
-    metric, info = build_fid(s.fid_features, s.inception_weights, device)
+    names = {n for syn in CLASS_NAMES.values() for n in syn}
+    concepts = {r.concept.lower() for recs in by_model.values() for r in recs if r.concept}
+    fmnist_like = s.fid_reference == "fmnist-test" or (bool(concepts) and concepts <= names)
+    metric, info = build_fid(s.fid_features, s.inception_weights, device, fmnist_images=fmnist_like)
     ref = _reference_images(s, by_model, info["name"])
     if ref is None:
         result["skipped"]["fid"] = ("no reference images: pass --fid-reference DIR (real images), or generate with "
