@@ -36,6 +36,7 @@ def build_parser():
     import argparse
 
     p = argparse.ArgumentParser(prog="erase/evaluate.py", description=__doc__,
+                                usage="%(prog)s model ... | images FOLDER ... | DIFFUSION_RUN | RUN [RUN ...] [--retrain RUN]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="finished run folders written by erase/train.py")
     p.add_argument("--retrain", help="the retrained reference run (same forget set); gives the gaps and RTE ratio")
