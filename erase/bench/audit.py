@@ -64,7 +64,7 @@ class AuditSettings:
     overrides: dict = field(default_factory=dict)
     out_dir: str = "runs/bench/audit"
     results: str = "results/audit_fmnist"
-    threads: int = 2
+    threads: int = 0
     retry_failed: bool = False
     report_only: bool = False
 
@@ -185,7 +185,7 @@ class Audit:
 
     def execute(self) -> dict:
         s = self.s
-        set_threads(s.threads)
+        s.threads = set_threads(s.threads)
         cache_datasets()
         bench = benchmark_choice(s)
         methods = resolve_methods(s, bench)

@@ -59,31 +59,38 @@ SKIP_METHODS = {"retrain"}  # the reference itself is not a row to tune
 class BenchSettings:
     dataset: str = "fashion-mnist"
     width: int = 8
-    limit_train: int = 10000
-    limit_test: int = 5000
-    eval_max_retain: int = 5000
+    limit_train: int = 4000
+    limit_test: int = 1500
+    eval_max_retain: int = 1500
     epochs: float = 10.0
+    augment: bool = False
+    label_smoothing: float = 0.0
     seeds: int = 3
     scenarios: list[str] = field(default_factory=lambda: ["random:0.1", "class:1"])
     val_class: int = 8
     val_split_seed: int = 1000
     epoch_scale: float = 0.1
-    lr_grid: list[float] = field(default_factory=lambda: [1 / 3, 1.0, 3.0])
+    lr_grid: list[float] = field(default_factory=lambda: [1 / 3, 1.0, 3.0, 10.0])
     methods: list[str] | None = None
     overrides: dict = field(default_factory=dict)
     out_dir: str = "runs/bench/classifier"
     results: str = "results/classifier_fmnist"
-    threads: int = 2
+    threads: int = 0
     retry_failed: bool = False
     report_only: bool = False
     quick: bool = False
 
     def tag(self) -> str:
         ds = self.dataset.replace("fashion-mnist", "fmnist")
-        return f"{ds}-w{self.width}-n{self.limit_train}-t{self.limit_test}-r{self.eval_max_retain}-e{self.epochs:g}"
+        recipe = ("-aug" if self.augment else "") + (f"-ls{self.label_smoothing:g}" if self.label_smoothing else "")
+        return f"{ds}-w{self.width}-n{self.limit_train}-t{self.limit_test}-r{self.eval_max_retain}-e{self.epochs:g}{recipe}"
+
+    def recipe(self) -> dict:
+        """The method layer of the original and of every retrain."""
+        return {"epochs": self.epochs, "label_smoothing": self.label_smoothing}
 
 
-QUICK = {"limit_train": 4000, "limit_test": 2000, "eval_max_retain": 2000, "epochs": 8.0, "seeds": 2,
+QUICK = {"limit_train": 2000, "limit_test": 1000, "eval_max_retain": 1000, "epochs": 10.0, "seeds": 2,
          "lr_grid": [1.0], "epoch_scale": 0.1, "results": "results/classifier_fmnist_quick"}
 
 
@@ -95,7 +102,8 @@ def slug(spec: str) -> str:
 
 def task_layer(s: BenchSettings, forget: str, split_seed: int = 0, original: str = "") -> dict:
     layer = {"dataset": s.dataset, "forget": forget, "split_seed": split_seed, "width": s.width,
-             "limit_train": s.limit_train, "limit_test": s.limit_test, "eval_max_retain": s.eval_max_retain}
+             "limit_train": s.limit_train, "limit_test": s.limit_test, "eval_max_retain": s.eval_max_retain,
+             "augment": s.augment}
     if original:
         layer["original"] = original
     return layer
@@ -202,7 +210,7 @@ class Bench:
     def original(self) -> dict:
         out = self.root / "original"
         task = task_layer(self.s, "none")
-        return self.run(out, REFERENCE, task, {"epochs": self.s.epochs}, 0, "original")
+        return self.run(out, REFERENCE, task, self.s.recipe(), 0, "original")
 
     def original_eval(self, scenario: str, seed: int, original: str) -> dict | None:
         """The original model's metrics on a scenario's split (the "do nothing" row)."""
@@ -225,7 +233,7 @@ class Bench:
 
     def execute(self) -> dict:
         s = self.s
-        set_threads(s.threads)
+        s.threads = set_threads(s.threads)
         cache_datasets()
         methods = registered_methods(s)
         self.log(f"setup {s.tag()}; methods ({len(methods)}): {', '.join(methods)}; load {loadavg()}")
@@ -245,12 +253,13 @@ class Bench:
         res = {"retrain": [], "original": [], "val_retrain": None, "methods": {}}
         # references first: the validation retrain and one retrain per seed
         vforget, vseed = val_forget(s, scenario)
-        res["val_retrain"] = self.run(sdir / "val" / "retrain", REFERENCE, task_layer(s, vforget, vseed, original),
-                                      {"epochs": s.epochs}, 0, f"{scenario} val retrain ({vforget}#{vseed})")
+        if len(s.lr_grid) > 1:
+            res["val_retrain"] = self.run(sdir / "val" / "retrain", REFERENCE, task_layer(s, vforget, vseed, original),
+                                          s.recipe(), 0, f"{scenario} val retrain ({vforget}#{vseed})")
         for seed in range(s.seeds):
             forget, split_seed = seed_forget(s, scenario, seed)
             res["retrain"].append(self.run(sdir / "retrain" / f"seed{seed}", REFERENCE,
-                                           task_layer(s, forget, split_seed, original), {"epochs": s.epochs}, seed,
+                                           task_layer(s, forget, split_seed, original), s.recipe(), seed,
                                            f"{scenario} retrain seed {seed}"))
             res["original"].append(self.original_eval(scenario, seed, original))
         for name in methods:
@@ -265,6 +274,12 @@ class Bench:
         vforget, vseed = val_forget(s, scenario)
         vret = res["val_retrain"]
         tuning = []
+        if len(s.lr_grid) == 1:  # no tuning: run the single setting on every seed
+            layer = method_layer(name, s, s.lr_grid[0])
+            return {"status": "done", "tuning": [], "chosen": layer, "chosen_lr_mult": s.lr_grid[0],
+                    "seeds": [self.run(sdir / name / short_hash(layer) / f"seed{seed}", name,
+                                       task_layer(s, *seed_forget(s, scenario, seed), original), layer, seed,
+                                       f"{scenario} {name} seed {seed}") for seed in range(s.seeds)]}
         for mult in sorted(s.lr_grid, key=lambda m: (m != 1.0, m)):  # the default first
             layer = method_layer(name, s, mult)
             out = sdir / "val" / name / short_hash(layer)
@@ -279,8 +294,8 @@ class Bench:
             else:
                 row["error"] = rec.get("error")
             tuning.append(row)
-            if rec["status"] == "done" and rec["run"]["steps"] == 0:
-                break  # closed form: the learning rate changes nothing
+            if rec["status"] == "done" and rec["run"]["steps"] == 0 and name not in TUNE_FIELDS:
+                break  # trains no step and tunes only learning rates: the other settings would be identical
         done = [t for t in tuning if t.get("val_avg_gap") is not None]
         if not done:
             failed = [t for t in tuning if t["status"] == "failed"]
@@ -459,7 +474,9 @@ def markdown(data: dict) -> str:
         f"- command: `{data['command']}`",
         f"- scale: {s['dataset']} first {s['limit_train']} training images (original trained on all of them), "
         f"first {s['limit_test']} test images, RA on {s['eval_max_retain']} random retain images; "
-        f"CIFAR-stem ResNet-18 width {s['width']}; original and retrain: {s['epochs']:g} epochs of the retrain recipe",
+        f"CIFAR-stem ResNet-18 width {s['width']}; original and retrain: {s['epochs']:g} epochs of the retrain recipe "
+        f"(one-cycle SGD, peak lr 0.1, batch 128) with label smoothing {s['label_smoothing']:g} and "
+        f"{'flip + shift augmentation' if s['augment'] else 'no augmentation'} (also in every method's training streams)",
         f"- seeds: {s['seeds']} (seed s: run seed s; random forgetting also draws forget set s); "
         "mean ± std (ddof 1) over seeds; gaps and RTE ratios against the retrain of the same seed",
         f"- budget rule: {data['budget_rule']}",
@@ -636,17 +653,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-test", type=int, help=f"test images used (default {d.limit_test})")
     p.add_argument("--eval-max-retain", type=int, help=f"retain images for RA and the MIA members (default {d.eval_max_retain})")
     p.add_argument("--epochs", type=float, help=f"epochs of the original and of retrain (default {d.epochs:g})")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip + shift augmentation in every training stream (default: off, so the original memorises "
+                   "its training set as in the papers' setting)")
+    p.add_argument("--label-smoothing", type=float, help=f"label smoothing of the original and retrain (default {d.label_smoothing:g})")
     p.add_argument("--scenarios", help=f"comma-separated forget specs (default {','.join(d.scenarios)}); use ';' between "
                    "specs if one has a comma")
     p.add_argument("--val-class", type=int, help=f"class forgotten by the class scenarios' validation runs (default {d.val_class})")
     p.add_argument("--epoch-scale", type=float, help=f"multiplier on every method's default epochs (default {d.epoch_scale:g})")
     p.add_argument("--lr-grid", help="comma-separated multipliers of each method's default lr tried on the validation set "
-                   "(default 0.333,1,3; '1' = no tuning)")
+                   "(default 0.333,1,3,10; '1' = no tuning)")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
                    help="override a method's config field for every run of it, e.g. --set ssd.alpha=10 (repeatable)")
     p.add_argument("--out-dir", help=f"root of the run folders (default {d.out_dir})")
     p.add_argument("--results", help=f"output prefix (default {d.results}; --quick: {QUICK['results']})")
-    p.add_argument("--threads", type=int, help=f"torch threads (default {d.threads})")
+    p.add_argument("--threads", type=int, help="torch threads (default 0 = auto: every core on an idle machine, 1 on a "
+                   "busy one, where two threads run ~10x slower)")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before instead of reporting them")
     p.add_argument("--report-only", action="store_true", help="run nothing; rebuild the report from finished runs")
     return p
@@ -660,7 +682,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         for k, v in QUICK.items():
             setattr(s, k, v)
         s.quick = True
-    simple = ["seeds", "width", "dataset", "limit_train", "limit_test", "eval_max_retain", "epochs", "val_class",
+    simple = ["seeds", "width", "dataset", "limit_train", "limit_test", "eval_max_retain", "epochs", "val_class", "augment",
+              "label_smoothing",
               "epoch_scale", "out_dir", "results", "threads"]
     for k in simple:
         v = getattr(args, k)

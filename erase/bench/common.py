@@ -29,10 +29,18 @@ from erase.storage import atomic_write_json
 METRIC_KEYS = ("UA", "RA", "TA", "MIA")
 
 
-def set_threads(n: int) -> None:
-    if n > 0:
-        torch.set_num_threads(n)
-        os.environ.setdefault("OMP_NUM_THREADS", str(n))
+def set_threads(n: int) -> int:
+    """Set torch's intra-op threads; ``n <= 0`` chooses: all cores on an idle machine, else 1.
+
+    On a busy 2-core machine two threads are ~10x slower per step than one (measured: 2.6 s vs 0.25 s
+    per batch of 128 for ResNet-18 width 8 with another job on the cores), so "auto" avoids them there.
+    """
+    if n <= 0:
+        load = loadavg()
+        n = (os.cpu_count() or 1) if load is not None and load < 0.5 else 1
+    torch.set_num_threads(n)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    return n
 
 
 @functools.cache
