@@ -15,6 +15,7 @@ import torch
 from erase.cli import run_cli
 from erase.evaluate import main as eval_main
 from erase.generate import main as gen_main
+from tests.test_eval_metrics import tiny_hf_clip  # noqa: F401  (fixture: a tiny transformers CLIP folder)
 from tests.tiny_diffusion import tiny_ddpm, tiny_sd, write_class_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,3 +216,15 @@ def test_fid_fmnist_is_not_offered_for_photographs(tmp_path, capsys, monkeypatch
         save_png(torch.rand(3, 16, 16), tmp_path / "imgs" / f"{i}.png")
     err = _one_line_error(capsys, ["images", str(tmp_path / "imgs"), "--label", "garbage truck", "--metrics", "fid"])
     assert "--inception-weights" in err and "--metrics concept,nudenet" in err and "fmnist-classifier" not in err
+
+
+def test_clip_score_and_zero_shot_accuracy_on_generated_images(world, tmp_path, tiny_hf_clip):  # noqa: F811
+    out = tmp_path / "gen"
+    assert run_cli(gen_main, ["--base", str(world["sd"]), "--prompts", str(world["prompts"]), "--output-dir", str(out),
+                              *FAST]) == 0
+    args = ["images", str(out), "--metrics", "concept", "--clip-model", str(tiny_hf_clip), "--classifier", "clip"]
+    assert run_cli(eval_main, args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0 <= m["clip_score"]["values"]["base"] <= 100 and EVALUATOR_KEYS <= set(m["clip_score"]["evaluator"])
+    assert "zero-shot" in m["concept_accuracy"]["evaluator"]["name"]
+    assert set(m["concept_accuracy"]["per_concept"]["base"]) == {"trouser", "bag"}
