@@ -96,7 +96,7 @@ def inception_fid(weights: Path):
     try:
         import torch_fidelity  # noqa: F401  (torchmetrics' Inception port lives there)
     except ImportError as err:
-        raise EraseError("Inception FID needs torch-fidelity: pip install torch-fidelity "
+        raise EraseError("Inception FID needs torch-fidelity: pip install 'erase[inception]' (or torch-fidelity) "
                          "(or use --fid-features fmnist-classifier)") from err
     try:
         torch_load_safe(weights)  # torch-fidelity unpickles freely; only let plain tensor files through
