@@ -66,6 +66,10 @@ def test_pretrain_retrain_and_evaluate(tmp_path, original, capsys):
     assert "avg_gap" in out and "RTE_ratio" in out
     rows = json.loads((tmp_path / "ft" / "comparison.json").read_text())["rows"]
     assert rows[0]["method"] == "retrain" and rows[0]["avg_gap"] == 0.0 and rows[1]["method"] == "ft"
+    ft = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert rows[1]["UA"] == ft["UA"]  # the values themselves, not their gaps
+    ret = json.loads((tmp_path / "retrain" / "metrics.json").read_text())
+    assert rows[1]["gap_UA"] == pytest.approx(abs(ft["UA"] - ret["UA"]), abs=1e-3)
 
 
 @needs_fmnist

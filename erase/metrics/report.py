@@ -26,7 +26,9 @@ def compare_runs(runs: list[dict], retrain: dict | None) -> list[dict]:
             raise EraseError(f"{r['path']} has no {missing} (was anything forgotten?)")
         row = {"method": r["method"], "path": r["path"], **{k: m[k] for k in GAP_KEYS}}
         if retrain is not None:
-            row.update(gap_to_retrain(m, retrain["metrics"]))
+            gaps = gap_to_retrain(m, retrain["metrics"])
+            row.update({f"gap_{k}": v for k, v in gaps.items() if k != "avg_gap"})
+            row["avg_gap"] = gaps["avg_gap"]
         row.update(rte(float(r["total_s"]), float(retrain["total_s"]) if retrain else None))
         rows.append(row)
     return rows
