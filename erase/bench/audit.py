@@ -57,6 +57,8 @@ class AuditSettings:
     limit_test: int = 1000
     eval_max_retain: int = 1000
     epochs: float = 10.0
+    augment: bool = False
+    label_smoothing: float = 0.0
     forget: str = "random:0.1"
     split_seed: int = 0
     epoch_scale: float = 0.1
@@ -70,13 +72,19 @@ class AuditSettings:
 
     def tag(self) -> str:
         ds = self.dataset.replace("fashion-mnist", "fmnist")
-        return (f"{ds}-w{self.width}-n{self.limit_train}-t{self.limit_test}-r{self.eval_max_retain}-e{self.epochs:g}-"
+        recipe = ("-aug" if self.augment else "") + (f"-ls{self.label_smoothing:g}" if self.label_smoothing else "")
+        return (f"{ds}-w{self.width}-n{self.limit_train}-t{self.limit_test}-r{self.eval_max_retain}-e{self.epochs:g}{recipe}-"
                 f"{self.forget.replace(':', '-')}-s{self.split_seed}")
+
+    def recipe(self) -> dict:
+        """The method layer of the original and of every retrained model (the benchmark's recipe)."""
+        return {"epochs": self.epochs, "label_smoothing": self.label_smoothing}
 
 
 def task_layer(s: AuditSettings, forget: str, original: str = "") -> dict:
     layer = {"dataset": s.dataset, "forget": forget, "split_seed": s.split_seed, "width": s.width,
-             "limit_train": s.limit_train, "limit_test": s.limit_test, "eval_max_retain": s.eval_max_retain}
+             "limit_train": s.limit_train, "limit_test": s.limit_test, "eval_max_retain": s.eval_max_retain,
+             "augment": s.augment}
     if original:
         layer["original"] = original
     return layer
@@ -190,14 +198,14 @@ class Audit:
         bench = benchmark_choice(s)
         methods = resolve_methods(s, bench)
         self.log(f"audit {s.tag()}: N = {s.n_models} per group; methods {', '.join(methods)}; load {loadavg()}")
-        orig = self.run(self.root / "original", "retrain", task_layer(s, "none"), {"epochs": s.epochs}, 0, "original")
+        orig = self.run(self.root / "original", "retrain", task_layer(s, "none"), s.recipe(), 0, "original")
         if orig["status"] != "done":
             from erase.errors import EraseError
 
             raise EraseError(f"the original model could not be trained: {orig.get('error')}")
         original = orig["path"]
         retrained = [self.run(self.root / "retrain" / f"seed{k}", "retrain", task_layer(s, s.forget, original),
-                              {"epochs": s.epochs}, k, f"retrain {k + 1}/{s.n_models}") for k in range(s.n_models)]
+                              s.recipe(), k, f"retrain {k + 1}/{s.n_models}") for k in range(s.n_models)]
         groups = {}
         for name in methods:
             layer, source = method_layer(name, s, bench)
@@ -308,7 +316,9 @@ def markdown(data: dict) -> str:
              f"- command: `{data['command']}`",
              f"- scale: {s['dataset']} first {s['limit_train']} training images, first {s['limit_test']} test images "
              f"(RA on {s['eval_max_retain']} retain images); CIFAR-stem ResNet-18 width {s['width']}; original and "
-             f"each retrained model: {s['epochs']:g} epochs of the retrain recipe; forget set `{s['forget']}` "
+             f"each retrained model: {s['epochs']:g} epochs of the retrain recipe (label smoothing {s['label_smoothing']:g}, "
+             f"{'flip + shift augmentation' if s['augment'] else 'no augmentation'}, as in the classifier benchmark); "
+             f"forget set `{s['forget']}` "
              f"(split seed {s['split_seed']}, {data['n_forget']} examples)",
              f"- models: N = {s['n_models']} unlearned (seeds 0..{s['n_models'] - 1}, all from one original) and "
              f"N = {s['n_models']} retrained (seeds 0..{s['n_models'] - 1}); the challenge used 512 of each",
@@ -376,7 +386,11 @@ def plot_eps(eps: dict, data: dict, path: Path) -> None:
         if name in data["methods"]:
             label += f"  (F = {data['methods'][name]['forget_quality']:.3f}, score = {data['methods'][name]['score']:.3f})"
         else:
-            label += f"  (F = {data['references'].get('retrain_halves', {}).get('forget_quality', float('nan')):.3f})"
+            ref = data["references"].get("retrain_halves", {})
+            half = ref.get("n_models", 0)
+            top_half = int(np.ceil(np.log(half - 1))) if half > 2 else 0
+            label += (f"  (F = {ref.get('forget_quality', float('nan')):.3f}; reference at N = {half}, "
+                      f"whose buckets end at {top_half})")
         ax.set_title(label, fontsize=9)
         ax.set_ylabel("examples", fontsize=8)
         ax.axvline(top, color="grey", ls="--", lw=0.8)
@@ -399,9 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", help="method(s) to audit, comma-separated or repeated; 'best' = the "
                    f"benchmark's best for random forgetting (default {','.join(d.methods)})")
     p.add_argument("--n-models", type=int, help=f"models per group (default {d.n_models}; the challenge used 512)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="augmentation (default: off)")
     for name, typ in (("dataset", str), ("width", int), ("limit-train", int), ("limit-test", int), ("eval-max-retain", int),
-                      ("epochs", float), ("forget", str), ("split-seed", int), ("epoch-scale", float), ("benchmark", str),
-                      ("out-dir", str), ("results", str), ("threads", int)):
+                      ("epochs", float), ("label-smoothing", float), ("forget", str), ("split-seed", int),
+                      ("epoch-scale", float), ("benchmark", str), ("out-dir", str), ("results", str), ("threads", int)):
         p.add_argument(f"--{name}", type=typ, help=f"(default {getattr(d, name.replace('-', '_'))!r})")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE", help="override a method's config field")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")
@@ -420,7 +435,8 @@ def main(argv=None) -> int:
         s.methods = [m.strip() for item in args.method for m in item.split(",") if m.strip()]
     if args.n_models is not None:
         s.n_models = args.n_models
-    for k in ("dataset", "width", "limit_train", "limit_test", "eval_max_retain", "epochs", "forget", "split_seed",
+    for k in ("dataset", "width", "limit_train", "limit_test", "eval_max_retain", "epochs", "augment", "label_smoothing",
+              "forget", "split_seed",
               "epoch_scale", "benchmark", "out_dir", "results", "threads"):
         v = getattr(args, k)
         if v is not None:

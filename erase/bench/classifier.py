@@ -52,6 +52,10 @@ from erase.bench.common import (
 )
 
 REFERENCE = "retrain"
+ORIGINAL_ROW = "original (no unlearning)"
+NOISE_ROW = "retrain, another seed (noise floor)"
+REFERENCE_ROWS = (REFERENCE, ORIGINAL_ROW, NOISE_ROW)
+NOISE_SEED = 1000  # run seed offset of the second, independent retrain per seed
 SKIP_METHODS = {"retrain"}  # the reference itself is not a row to tune
 
 
@@ -182,6 +186,7 @@ class Bench:
         self.s = s
         self.root = Path(s.out_dir) / s.tag()
         self.t0 = time.perf_counter()
+        self.started = time.strftime("%Y-%m-%d %H:%M:%S")
         self.log_lines: list[str] = []
         self.n_new = 0
 
@@ -250,7 +255,7 @@ class Bench:
     def scenario(self, scenario: str, methods: list[str], original: str) -> dict:
         s = self.s
         sdir = self.root / slug(scenario)
-        res = {"retrain": [], "original": [], "val_retrain": None, "methods": {}}
+        res = {"retrain": [], "retrain_b": [], "original": [], "val_retrain": None, "methods": {}}
         # references first: the validation retrain and one retrain per seed
         vforget, vseed = val_forget(s, scenario)
         if len(s.lr_grid) > 1:
@@ -262,6 +267,11 @@ class Bench:
                                            task_layer(s, forget, split_seed, original), s.recipe(), seed,
                                            f"{scenario} retrain seed {seed}"))
             res["original"].append(self.original_eval(scenario, seed, original))
+        for seed in range(s.seeds):  # same forget set, another training seed: how far apart two retrains land
+            forget, split_seed = seed_forget(s, scenario, seed)
+            res["retrain_b"].append(self.run(sdir / "retrain-b" / f"seed{seed}", REFERENCE,
+                                             task_layer(s, forget, split_seed, original), s.recipe(), NOISE_SEED + seed,
+                                             f"{scenario} independent retrain seed {seed} (run seed {NOISE_SEED + seed})"))
         for name in methods:
             res["methods"][name] = self.method(scenario, name, original, res)
         return res
@@ -318,7 +328,22 @@ class Bench:
         data = summarise(self.s, scen_results, methods, orig)
         data["invocation_wall_s"] = round(time.perf_counter() - self.t0, 1)
         data["new_runs_this_invocation"] = self.n_new
-        data["command"] = " ".join(["python -m erase.bench.classifier", *sys.argv[1:]])
+        command = " ".join(["python -m erase.bench.classifier", *sys.argv[1:]])
+        # The invocations that trained this table's runs (a resumed benchmark has several).
+        history = []
+        prev = Path(self.s.results).with_suffix(".json")
+        if prev.is_file():
+            try:
+                old = json.loads(prev.read_text())
+                if old.get("setup_tag") == data["setup_tag"]:
+                    history = [h for h in old.get("invocations", []) if h.get("started") != self.started]
+            except (OSError, ValueError):
+                history = []
+        if self.n_new or not history:
+            history.append({"started": self.started, "command": command, "wall_s": data["invocation_wall_s"],
+                            "new_runs": self.n_new, "torch_threads": self.s.threads})
+        data["invocations"] = history
+        data["command"] = next((h["command"] for h in history if h["new_runs"]), command)
         write_outputs(data, Path(self.s.results))
         return data
 
@@ -379,7 +404,10 @@ def summarise(s: BenchSettings, scen_results: dict, methods: list[str], orig: di
                 continue
             fake = {"status": "done", "metrics": m, "run": {"total_s": 0.0, "steps": 0}}
             orows.append(_seed_row(fake, refs[i], i))
-        sc["rows"]["original (no unlearning)"] = {"status": "done", "seeds": orows, "summary": _aggregate(orows)}
+        sc["rows"][ORIGINAL_ROW] = {"status": "done", "seeds": orows, "summary": _aggregate(orows)}
+        brows = [_seed_row(rec, refs[i], i) for i, rec in enumerate(res.get("retrain_b", []))]
+        if any(r["status"] == "done" for r in brows):
+            sc["rows"][NOISE_ROW] = {"status": "done", "seeds": brows, "summary": _aggregate(brows)}
         vr = res.get("val_retrain")
         sc["val_retrain"] = _seed_row(vr, vr, 0) if vr else None
         for name in methods:
@@ -405,6 +433,10 @@ def summarise(s: BenchSettings, scen_results: dict, methods: list[str], orig: di
         data["scenarios"][scenario] = sc
     orig_wall = (orig or {}).get("bench", {}).get("wall_s") or 0.0
     data["runs_wall_s_total"] = round(sum(all_wall) + orig_wall, 1)
+    loads = [r.get("loadavg") for sc in data["scenarios"].values() for row in sc["rows"].values()
+             for r in row.get("seeds", []) if r.get("loadavg") is not None]
+    if loads:
+        data["load"] = {"min": min(loads), "max": max(loads), "mean": round(sum(loads) / len(loads), 2)}
     data["checks"] = issue_checks(data)
     return data
 
@@ -414,7 +446,7 @@ def scenario_cost(res: dict) -> dict:
     def wall(rec):
         return (rec or {}).get("bench", {}).get("wall_s") or (rec or {}).get("wall_s") or 0.0
 
-    ref = sum(wall(r) for r in res["retrain"]) + wall(res.get("val_retrain"))
+    ref = sum(wall(r) for r in res["retrain"] + res.get("retrain_b", [])) + wall(res.get("val_retrain"))
     tune = sum(wall(read_run(Path(t["path"])) or {}) for m in res["methods"].values() for t in m["tuning"])
     final = sum(wall(r) for m in res["methods"].values() for r in m["seeds"])
     return {"reference_s": round(ref, 1), "tuning_s": round(tune, 1), "final_s": round(final, 1),
@@ -446,7 +478,7 @@ def issue_checks(data: dict) -> dict:
         def gap(name, rows=rows):
             return rows.get(name, {}).get("summary", {}).get("avg_gap", {}).get("mean")
 
-        methods = {n: r for n, r in rows.items() if n not in (REFERENCE, "original (no unlearning)")}
+        methods = {n: r for n, r in rows.items() if n not in REFERENCE_ROWS}
         ranked = sorted((gap(n), n) for n in methods if gap(n) is not None)
         entry = {"ranking": [{"method": n, "avg_gap": g} for g, n in ranked]}
         if ranked:
@@ -454,6 +486,18 @@ def issue_checks(data: dict) -> dict:
         sg = gap("salun")
         if sg is not None:
             entry["salun_below"] = {b: (sg < gap(b)) if gap(b) is not None else None for b in ("ft", "ga", "rl")}
+            entry["salun_minus"] = {}
+            for b in ("ft", "ga", "rl"):  # paired by seed: both runs compare with the same retrain
+                per_seed = {r["seed"]: r.get("avg_gap") for r in rows.get(b, {}).get("seeds", []) if r.get("avg_gap") is not None}
+                diffs = [r["avg_gap"] - per_seed[r["seed"]] for r in rows["salun"].get("seeds", [])
+                         if r.get("avg_gap") is not None and r["seed"] in per_seed]
+                if diffs:
+                    mean, std = mean_std(diffs)
+                    entry["salun_minus"][b] = {"mean": round(mean, 3), "std": round(std, 3),
+                                               "seeds_lower": sum(d < 0 for d in diffs), "n": len(diffs)}
+        noise = rows.get(NOISE_ROW, {}).get("summary", {}).get("avg_gap", {}).get("mean")
+        if noise is not None:
+            entry["noise_floor_avg_gap"] = noise
         fast = []
         for n, r in methods.items():
             summ = r.get("summary", {})
@@ -482,8 +526,14 @@ def markdown(data: dict) -> str:
         f"- budget rule: {data['budget_rule']}",
         f"- machine: {data['machine_text']}",
         f"- wall time: {fmt_duration(data['runs_wall_s_total'])} summed over all runs of this table (training + evaluation, "
-        f"tuning included); this invocation {fmt_duration(data['invocation_wall_s'])} "
-        f"({data['new_runs_this_invocation']} new runs, the rest read back from `{data['run_root']}`)",
+        f"tuning included), trained by " + "; ".join(
+            f"`{h['command']}` on {h['started']} ({fmt_duration(h['wall_s'])}, {h['new_runs']} new runs, "
+            f"{h.get('torch_threads', '?')} torch thread(s))" for h in data.get("invocations", []) if h["new_runs"])
+        + f"; runs live in `{data['run_root']}`",
+        f"- machine load: 1-minute load average at the start of the runs {data['load']['min']:.1f}–{data['load']['max']:.1f} "
+        f"(mean {data['load']['mean']:.1f}) on {data['machine']['logical_cpus']} logical CPUs: other jobs shared the cores, "
+        "so seconds and RTE ratios carry that noise (compare the noise-floor row's RTE ratio, ideally 1)"
+        if data.get("load") else "- machine load: not recorded",
         "- RTE = the method's unlearning wall time (setup such as saliency masks included, evaluation excluded); "
         "RTE ratio = RTE / retrain's wall time, both measured in this benchmark on this machine",
         "- MIA = MIA-efficacy (SVC on the true-label probability, retain vs test, share of the forget set called "
@@ -523,6 +573,12 @@ def markdown(data: dict) -> str:
             lines.append(f"| {nm} | {pm('UA')} | {pm('RA')} | {pm('TA')} | {pm('MIA')} | {pm('avg_gap')} | "
                          f"{pm('RTE_s', 1)} | {pm('RTE_ratio', 3)} | {lr_txt} | {'' if steps is None else f'{steps:.0f}'} |")
         lines.append("")
+        if NOISE_ROW in sc["rows"]:
+            g = sc["rows"][NOISE_ROW]["summary"].get("avg_gap", {})
+            lines.append(f"- *{NOISE_ROW}*: a second retrain on the same forget set with another training seed "
+                         f"(run seed {NOISE_SEED}+s), compared with the reference retrain: two equally valid references already "
+                         f"differ by an average gap of {g.get('mean', float('nan')):.2f}, so differences between methods below "
+                         "about that are noise")
         failed = [(n, r) for n, r in sc["rows"].items() if r.get("failed_seeds")]
         for n, r in failed:
             for f in r["failed_seeds"]:
@@ -559,6 +615,12 @@ def markdown(data: dict) -> str:
         if "salun_below" in ch:
             txt = ", ".join(f"{k}: {'yes' if v else 'no' if v is not None else 'n/a'}" for k, v in ch["salun_below"].items())
             lines.append(f"- {scenario}: SalUn's average gap below {txt}")
+            if ch.get("salun_minus"):
+                diffs = "; ".join(f"− {b}: {d['mean']:+.2f} ± {d['std']:.2f} (lower on {d['seeds_lower']}/{d['n']} seeds)"
+                                  for b, d in ch["salun_minus"].items())
+                lines.append(f"  - SalUn's gap minus the baseline's, paired by seed: {diffs}")
+        if ch.get("noise_floor_avg_gap") is not None:
+            lines.append(f"- {scenario}: average gap of an independent retrain (noise floor): {ch['noise_floor_avg_gap']:.2f}")
         fast = ch["gap_le_1_at_le_10pct_retrain"]
         lines.append(f"- {scenario}: methods with average gap ≤ 1.0 at ≤ 10 % of retrain time: "
                      + (", ".join(f"{f['method']} ({f['avg_gap']:.2f}, {100 * f['RTE_ratio']:.1f} %)" for f in fast) or "none"))
@@ -579,46 +641,46 @@ def scenario_title(scenario: str) -> str:
 def _sort_key(name: str, row: dict):
     if name == REFERENCE:
         return (0, 0.0, name)
-    if name.startswith("original"):
+    if name == ORIGINAL_ROW:
         return (1, 0.0, name)
+    if name == NOISE_ROW:
+        return (1, 1.0, name)
     g = row.get("summary", {}).get("avg_gap", {}).get("mean")
     return (2, g if g is not None else math.inf, name)
 
 
 def plot(data: dict, path: Path) -> None:
+    """One panel per scenario: average gap (mean ± std over seeds) per method, best first."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     scen = list(data["scenarios"])
-    names = sorted({n for sc in data["scenarios"].values() for n in sc["rows"] if n != REFERENCE},
-                   key=lambda n: (not n.startswith("original"), n))
-    if not scen or not names:
+    if not scen:
         fig, ax = plt.subplots(figsize=(6, 2))
         ax.text(0.5, 0.5, "no finished runs yet", ha="center")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return
-    x = np.arange(len(names))
-    w = 0.8 / len(scen)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 4.2))
-    for i, sc in enumerate(scen):
-        means, stds = [], []
-        for n in names:
-            g = data["scenarios"][sc]["rows"].get(n, {}).get("summary", {}).get("avg_gap")
-            means.append(g["mean"] if g else np.nan)
-            stds.append(g["std"] if g else 0)
-        ax.bar(x + (i - (len(scen) - 1) / 2) * w, means, w, yerr=stds, capsize=2, label=sc)
-    ax.set_xticks(x)
-    ax.set_xticklabels([n.replace(" (no unlearning)", "\n(no unlearn.)") for n in names], rotation=45, ha="right")
-    ax.set_ylabel("average gap to retrain (lower is better)")
+    n_methods = max(len(sc["rows"]) for sc in data["scenarios"].values())
+    fig, axes = plt.subplots(len(scen), 1, figsize=(max(7, 0.45 * n_methods + 2), 3.6 * len(scen)), squeeze=False)
     s = data["settings"]
-    ax.set_title(f"{s['dataset']}, ResNet-18 w{s['width']}, {s['limit_train']} images, {s['seeds']} seeds (mean ± std)",
-                 fontsize=9)
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.legend(fontsize=8)
+    for ax, sc in zip(axes[:, 0], scen):
+        rows = [(n, r["summary"]["avg_gap"]) for n, r in data["scenarios"][sc]["rows"].items()
+                if n != REFERENCE and r.get("summary", {}).get("avg_gap")]
+        rows.sort(key=lambda t: t[1]["mean"])
+        names = [n for n, _ in rows]
+        colors = ["grey" if n == ORIGINAL_ROW else "tab:green" if n == NOISE_ROW else "tab:blue" for n in names]
+        ax.bar(range(len(rows)), [g["mean"] for _, g in rows], yerr=[g["std"] for _, g in rows], capsize=2, color=colors)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([n.replace(" (noise floor)", "\n(noise floor)") for n in names], rotation=40, ha="right",
+                           fontsize=8)
+        ax.axhline(1.0, color="tab:red", lw=0.8, ls="--")
+        ax.set_ylabel("avg gap to retrain")
+        ax.set_title(f"{scenario_title(sc).split(' — ')[0]} ({sc}): lower is better; dashed line = 1.0", fontsize=9)
+    fig.suptitle(f"{s['dataset']}, ResNet-18 width {s['width']}, {s['limit_train']} images, {s['seeds']} seeds "
+                 f"(mean ± std); every method at {s['epoch_scale']:g} × its default epochs", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
