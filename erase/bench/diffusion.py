@@ -44,7 +44,7 @@ def run_all(args) -> dict:
     t0 = time.perf_counter()
     for r in plan(args):
         out = Path(args.out_dir) / r["model"] / r["concept"].replace(" ", "-") / f"{r['method']}-s{r['seed']}"
-        task = {"task": "diffusion", "model": r["model"], "concept": r["concept"], "data_seed": r["seed"],
+        task = {"model": r["model"], "concept": r["concept"], "data_seed": r["seed"],
                 "eval_images": args.eval_images, "n_forget": args.n_forget, "n_retain": args.n_retain}
         rec = run_once(out, r["method"], task, {}, r["seed"], retry_failed=args.retry_failed)
         print(f"{r['model']:15s} {r['concept']:8s} {r['method']:6s} seed {r['seed']}: {rec['status']}"
