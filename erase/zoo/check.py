@@ -50,19 +50,30 @@ def _summary(per_class: dict[str, float]) -> dict:
             "per_class_accuracy": per_class}
 
 
-def check_generator(name: str, generate, classifier, test_images, n_per_class: int, seed: int) -> dict:
-    """``generate(label, n, generator) -> images in [0, 1]``; returns accuracies and FID-fmnist."""
+def check_generator(name: str, generate, classifier, test_images, n_per_class: int, seed: int,
+                    grid_path: str | None = None) -> dict:
+    """``generate(label, n, generator) -> images in [0, 1]``; returns accuracies and FID-fmnist.
+
+    With ``grid_path``, the first 8 images of every class are saved as one PNG (a row per class).
+    """
     fid = fid_metric(classifier)
     for i in range(0, len(test_images), 1000):
         fid.update(test_images[i:i + 1000], real=True)
-    per_class, t0 = {}, time.perf_counter()
+    per_class, rows, t0 = {}, [], time.perf_counter()
     for label, cls in enumerate(tqdm(FASHION_MNIST_CLASSES, desc=f"check {name}", mininterval=5)):
         imgs = generate(label, n_per_class, torch.Generator().manual_seed(seed + label))
         per_class[cls] = round(100.0 * (classify(classifier, imgs) == label).float().mean().item(), 2)
         fid.update(imgs, real=False)
+        rows.append(imgs[:8].float().mean(dim=1, keepdim=True))
+    if grid_path:
+        from torchvision.utils import save_image
+
+        save_image(torch.cat(rows), grid_path, nrow=min(8, n_per_class), padding=1)
     out = _summary(per_class)
     out.update(fid_fmnist=round(fid.compute().item(), 3), images_per_class=n_per_class, seed=seed,
                generation_seconds=round(time.perf_counter() - t0, 1))
+    if grid_path:
+        out["grid"] = grid_path
     return out
 
 
@@ -110,6 +121,12 @@ def markdown(results: dict) -> str:
                          f"(min class {r['held_out']['min_class_accuracy']} %).")
         if "vae_reconstruction_accuracy" in r:
             lines.append(f"- `{g}`: evaluator on VAE reconstructions of test images: {r['vae_reconstruction_accuracy']} %.")
+    for g in gens:
+        if results["generators"][g].get("grid"):
+            from pathlib import Path
+
+            lines += ["", f"`{g}` samples (first 8 per class, one row per class):", "",
+                      f"![{g}]({Path(results['generators'][g]['grid']).name})"]
     targets = results["targets"]
     lines += ["", f"Targets: mean >= {targets['mean']} %, every class >= {targets['min_class']} %: "
               + ", ".join(f"{g} {'met' if results['generators'][g]['meets_targets'] else 'NOT met'}" for g in gens), ""]
@@ -139,7 +156,7 @@ def run_check(quick: bool = False, output: str | None = "results/zoo_check", see
             def gen(label, k, g, pipe=pipe, s=settings):
                 return sample_sd(pipe, [captions.class_prompt(label)] * k, s["guidance"], s["steps"], g)
 
-            r = check_generator(name, gen, classifier, ref["image"], n, seed)
+            r = check_generator(name, gen, classifier, ref["image"], n, seed, _grid(output, name, quick))
             r["prompt_template"] = captions.CHECK_TEMPLATE
             if not quick:
                 r["held_out"] = held_out_accuracy(pipe, classifier, 8, settings, seed)
@@ -152,7 +169,7 @@ def run_check(quick: bool = False, output: str | None = "results/zoo_check", see
                 x = sample_ddpm(unet, scheduler, [label] * k, s["guidance"], s["steps"], g)
                 return (x + 1) / 2
 
-            r = check_generator(name, gen, classifier, ref["image"], n, seed)
+            r = check_generator(name, gen, classifier, ref["image"], n, seed, _grid(output, name, quick))
         r["settings"] = settings
         r["meets_targets"] = r["mean_accuracy"] >= 80.0 and r["min_class_accuracy"] >= 50.0
         results["generators"][name] = r
@@ -166,6 +183,15 @@ def run_check(quick: bool = False, output: str | None = "results/zoo_check", see
     if update_cards if update_cards is not None else not quick:
         _update_cards(results)
     return results
+
+
+def _grid(output: str | None, name: str, quick: bool) -> str | None:
+    if not output or quick:
+        return None
+    from pathlib import Path
+
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    return f"{output}_{Path(name).name}.png"
 
 
 def _update_cards(results: dict) -> None:
