@@ -46,6 +46,9 @@ def tiny_ddpm(folder: Path, channels: int = 3, size: int = 32, classes: int = 10
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=classes + 1)
     unet.save_pretrained(folder / "unet")
     DDIMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    # As the bundled DDPM ships it: a DDPMPipeline index whose UNet has class embeddings.
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
+                                                          "unet": ["diffusers", "UNet2DModel"]}))
     return folder
 
 

@@ -53,12 +53,14 @@ class DiffusionBase:
 
 def _class_name(folder: Path) -> str | None:
     index = folder / "model_index.json"
-    if index.is_file():
-        return json.loads(index.read_text()).get("_class_name")
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
     unet_cfg = folder / "unet" / "config.json"
-    if unet_cfg.is_file() and (folder / "scheduler").is_dir():
-        return "ClassConditionalDDPM" if json.loads(unet_cfg.read_text()).get("_class_name") == "UNet2DModel" else None
-    return None
+    if name in (None, "DDPMPipeline") and unet_cfg.is_file() and (folder / "scheduler").is_dir():
+        # A DDPMPipeline folder whose UNet has class embeddings is a class-conditional DDPM.
+        cfg = json.loads(unet_cfg.read_text())
+        if cfg.get("_class_name") == "UNet2DModel" and cfg.get("num_class_embeds"):
+            return "ClassConditionalDDPM"
+    return name
 
 
 def _check_supported(name: str | None, where: str) -> None:
