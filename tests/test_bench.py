@@ -5,6 +5,7 @@ import json
 import pytest
 
 from erase.bench.classifier import BenchSettings, method_layer, registered_methods, tuned_fields
+from erase.errors import EraseError
 from tests.conftest import needs_fmnist
 
 
@@ -56,3 +57,17 @@ def test_benchmark_tiny_end_to_end(tmp_path):
     again = json.loads(res.with_suffix(".json").read_text())
     assert again["new_runs_this_invocation"] == 0
     assert again["scenarios"]["random:0.1"]["rows"]["ft"]["summary"] == ft["summary"]
+
+
+def test_diffusion_benchmark_shards_partition_the_plan():
+    from erase.bench import diffusion
+
+    args = diffusion.build_parser().parse_args(["--seeds", "2"])
+    for key in ("concepts", "ddpm_concepts", "sd_methods", "ddpm_methods"):
+        setattr(args, key, getattr(args, key).split(","))
+    n = len(diffusion.plan(args))
+    assert n == 2 * (2 * 6 + 1 * 4)
+    assert diffusion.parse_shard("") is None and diffusion.parse_shard("1/2") == (1, 2)
+    for bad in ("2/2", "x", "1-2"):
+        with pytest.raises(EraseError):
+            diffusion.parse_shard(bad)

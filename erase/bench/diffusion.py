@@ -25,6 +25,7 @@ from erase.bench.common import describe_machine, fmt_duration, fmt_pm, machine_i
 
 SD_METHODS = ("salun", "esd-x", "esd-u", "fmn", "ga", "rl")
 DDPM_METHODS = ("salun", "esd-u", "rl", "ga")
+RESULTS = "results/diffusion_fmnist"
 KEYS = ("concept_acc", "paraphrase_acc", "other_acc", "fid")
 
 
@@ -42,8 +43,12 @@ def plan(args) -> list[dict]:
 def run_all(args) -> dict:
     records = []
     t0 = time.perf_counter()
-    for r in plan(args):
-        out = Path(args.out_dir) / r["model"] / r["concept"].replace(" ", "-") / f"{r['method']}-s{r['seed']}"
+    # The data and evaluation sizes are part of the folder so runs of another scale are never read back.
+    scale = f"e{args.eval_images}-f{args.n_forget}-r{args.n_retain}"
+    for i, r in enumerate(plan(args)):
+        if args.shard and i % args.shard[1] != args.shard[0]:
+            continue
+        out = Path(args.out_dir) / scale / r["model"] / r["concept"].replace(" ", "-") / f"{r['method']}-s{r['seed']}"
         task = {"model": r["model"], "concept": r["concept"], "data_seed": r["seed"],
                 "eval_images": args.eval_images, "n_forget": args.n_forget, "n_retain": args.n_retain}
         rec = run_once(out, r["method"], task, {}, r["seed"], retry_failed=args.retry_failed)
@@ -76,7 +81,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "other-class acc before → after | FID-fmnist before → after | train time |")
     lines = ["# Diffusion erasure on the bundled Fashion-MNIST models", "",
              f"- command: `{meta['command']}`", f"- machine: {meta['machine']}",
-             f"- total wall time: {fmt_duration(meta['wall_s'])} (runs read back from an earlier invocation cost 0)",
+             f"- wall time: {fmt_duration(meta['runs_wall_s'])} summed over the runs (generation, training, evaluation); "
+             f"this invocation {fmt_duration(meta['wall_s'])} (runs read back from an earlier invocation cost 0)",
              f"- evaluation: {meta['eval_images']} images per prompt from fixed seeds, judged by `fmnist-classifier`; "
              "concept acc = share classified as the erased class (UA = 100 − it); other-class acc = mean over the "
              "other classes; paraphrase acc = held-out prompts naming the concept (SD only)",
@@ -107,10 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-forget", type=int, default=64, help="generated forget images")
     p.add_argument("--n-retain", type=int, default=64, help="generated retain images")
     p.add_argument("--out-dir", default="runs/bench/diffusion", help="where the runs go (finished runs are reused)")
-    p.add_argument("--results", default="results/diffusion_fmnist", help="prefix of the .json/.md results")
+    p.add_argument("--results", default=RESULTS, help="prefix of the .json/.md results")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")
+    p.add_argument("--shard", default="", metavar="I/N", help="run only runs I, I+N, I+2N, ... of the plan (0-based), "
+                   "e.g. two processes with --shard 0/2 and --shard 1/2 --threads 1 on a 2-core machine; a final "
+                   "invocation without --shard reads every finished run back and writes the complete report")
     return p
+
+
+def parse_shard(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    from erase.errors import EraseError
+
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise EraseError(f"--shard must look like I/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= i < n:
+        raise EraseError(f"--shard {text}: need 0 <= I < N")
+    return i, n
 
 
 def main(argv=None) -> int:
@@ -119,14 +142,21 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.seeds, args.eval_images = 1, 8
+        if args.results == RESULTS:
+            args.results = RESULTS + "_quick"
+    args.shard = parse_shard(args.shard)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     args.concepts, args.ddpm_concepts = split(args.concepts), split(args.ddpm_concepts)
     args.sd_methods, args.ddpm_methods = split(args.sd_methods), split(args.ddpm_methods)
     set_threads(args.threads)
     result = run_all(args)
+    if args.shard:
+        print(f"shard {args.shard[0]}/{args.shard[1]} done; run again without --shard for the report")
+        return 0
     rows = summarise(result["records"])
     meta = {"command": "python -m erase.bench.diffusion " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": describe_machine(machine_info()), "wall_s": result["wall_s"], "eval_images": args.eval_images,
+            "runs_wall_s": sum(r.get("bench", {}).get("wall_s", 0.0) for r in result["records"]),
             "seeds": args.seeds}
     prefix = Path(args.results)
     atomic_write_json({"meta": meta, "rows": rows, "runs": result["records"]}, prefix.with_suffix(".json"))
