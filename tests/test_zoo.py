@@ -125,6 +125,24 @@ def test_bundled_tiny_sd_loads_offline_and_generates(offline):
         assert "_name_or_path" not in json.loads(cfg.read_text()), cfg
 
 
+def test_ancestral_ddpm_sampling_depends_on_the_seed_only():
+    """DDPM steps draw fresh noise: it must come from each image's own generator, not the global RNG."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from erase.diffusion.sampling import sample_ddpm
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       num_class_embeds=3, norm_num_groups=4).eval()
+    sched = DDPMScheduler(num_train_timesteps=100)
+    pair, _ = sample_ddpm(unet, sched, [0, 1], [5, 6], 2.0, 4, 2)
+    torch.manual_seed(123)  # a different global RNG state changes nothing
+    alone, _ = sample_ddpm(unet, sched, [1], [6], 2.0, 4, 2)
+    other, _ = sample_ddpm(unet, sched, [1], [7], 2.0, 4, 2)
+    assert torch.allclose(pair[1:], alone, atol=1e-6) and not torch.allclose(alone, other)
+
+
 def test_bundled_ddpm_loads_offline_and_generates(offline):
     from erase.zoo.sampling import DDPM_NULL_CLASS, load_ddpm, sample_ddpm
 

@@ -87,13 +87,26 @@ def _wrap_pipe(pipe, source: str, device, folder) -> DiffusionBase:
     return DiffusionBase("sd", pipe.unet, pipe.scheduler, source, pipe, folder)
 
 
+# Schedulers a DDPM folder may name; anything else falls back to DDIM with the same betas.
+DDPM_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler")
+
+
+def load_scheduler(folder: Path):
+    """The scheduler class a folder's ``scheduler_config.json`` names (a known diffusers one), else DDIM."""
+    import diffusers
+
+    name = json.loads((Path(folder) / "scheduler_config.json").read_text()).get("_class_name")
+    cls = getattr(diffusers, name if name in DDPM_SCHEDULERS else "DDIMScheduler")
+    return cls.from_pretrained(folder, local_files_only=True)
+
+
 def _load_ddpm_folder(folder: Path, device) -> DiffusionBase:
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
 
     unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True).to(device)
     if not unet.config.get("num_class_embeds"):
         raise EraseError(f"{folder}: the UNet2DModel has no class embeddings; erase needs a class-conditional DDPM")
-    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+    scheduler = load_scheduler(folder / "scheduler")
     return DiffusionBase("ddpm", unet, scheduler, str(folder), None, folder)
 
 

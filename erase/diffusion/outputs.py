@@ -92,8 +92,9 @@ class DiffusionOutputs:
         load = {
             "pipeline": ("```python\nfrom diffusers import StableDiffusionPipeline\n"
                          "pipe = StableDiffusionPipeline.from_pretrained(\"model\")\n```") if self.kind == "sd" else
-                        ("```python\nfrom diffusers import DDIMScheduler, UNet2DModel\nunet = UNet2DModel.from_pretrained("
-                         "\"model/unet\")\nscheduler = DDIMScheduler.from_pretrained(\"model/scheduler\")\n```"),
+                        ("```python\nfrom diffusers import DDPMScheduler, UNet2DModel\nunet = UNet2DModel.from_pretrained("
+                         "\"model/unet\")\nscheduler = DDPMScheduler.from_pretrained(\"model/scheduler\")  # the class "
+                         "in scheduler_config.json\n```"),
             "lora": ("```python\npipe = StableDiffusionPipeline.from_pretrained(BASE)  # the base model above\n"
                      "pipe.load_lora_weights(\"lora\")\n```"),
             "delta": ("```python\nfrom erase.diffusion.export import load_delta\n"
@@ -105,7 +106,8 @@ class DiffusionOutputs:
             f"{self.base.prediction_type} prediction)",
             f"- method: `{info['method']}`, {info['steps']} steps, {info['total_s']:.0f} s on {info['machine']}",
             f"- evaluator: {metrics['settings']['evaluator'] or 'none'}; guidance {self.guidance}, "
-            f"{self.cfg.sample_steps} DDIM steps, {self.cfg.eval_images} images per prompt",
+            f"{self.cfg.sample_steps} {type(self.scheduler).__name__.removesuffix('Scheduler')} steps, "
+            f"{self.cfg.eval_images} images per prompt",
             f"- weights: `{where}`", "", "## Load", "", load, "", "## Metrics", "", *table, "",
             "## Before / after", "", "![before and after](grid.png)", "", "## Resolved configuration", "",
             "```yaml", yaml.safe_dump(resolved, sort_keys=False).rstrip(), "```", ""])

@@ -9,6 +9,8 @@ for Stable Diffusion it goes through the pipeline's ``callback_on_step_end`` (no
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -56,6 +58,9 @@ def sample_ddpm(unet, scheduler, labels, seeds, guidance: float, steps: int, nul
     c, s = unet.config.in_channels, unet.config.sample_size
     gens = _generators(seeds)
     x = torch.cat([torch.randn((1, c, s, s), generator=g) for g in gens]).to(device, dtype)
+    # Ancestral schedulers (DDPM) draw noise at every step: from the same per-image generators, so an
+    # image depends on its seed only, not on the batch it was drawn in.
+    step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
     scheduler.set_timesteps(steps)
     x = x * scheduler.init_noise_sigma
     guided = guidance != 1.0
@@ -67,7 +72,7 @@ def sample_ddpm(unet, scheduler, labels, seeds, guidance: float, steps: int, nul
         if guided:
             e_c, e_u = eps.chunk(2)
             eps = e_u + guidance * (e_c - e_u)
-        x = scheduler.step(eps, t, x).prev_sample
+        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample  # diffusers draws CPU-generator noise on the CPU
     if stop_after is not None:
         return x, scheduler.timesteps[stop_after] if stop_after < len(scheduler.timesteps) else scheduler.timesteps[-1]
     return x.clamp(-1, 1), None

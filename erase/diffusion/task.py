@@ -44,7 +44,8 @@ class DiffusionConfig:
     data_seed: int = opt(0, "seed of the generated forget/retain images")
     guidance: float = opt(-1.0, "classifier-free guidance for data and evaluation (-1: 4 for the bundled SD, 2 for the "
                           "bundled DDPM, 7.5 otherwise)")
-    sample_steps: int = opt(25, "DDIM steps when generating data and evaluation images")
+    sample_steps: int = opt(25, "denoising steps when generating data and evaluation images (the model's scheduler: "
+                            "DDIM for SD, the folder's own scheduler for a DDPM)")
     eval_images: int = opt(16, "evaluation images per prompt (concept, each paraphrase, each retain concept)")
     grid_seeds: int = opt(4, "columns (seeds) of the before/after grid")
     evaluator: str = opt("", "classifier folder that judges generated images (default: fmnist-classifier for the "

@@ -33,7 +33,7 @@ from erase.zoo.sampling import load_ddpm, load_tiny_sd, sample_ddpm, sample_sd
 
 # Documented sampling settings of the check (also written into results and model cards).
 SD_SETTINGS = {"scheduler": "DDIM", "steps": 25, "guidance": 4.0}
-DDPM_SETTINGS = {"scheduler": "DDIM", "steps": 50, "guidance": 2.0}
+DDPM_SETTINGS = {"scheduler": "DDPM (ancestral)", "steps": 50, "guidance": 2.0}
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Sampling from the bundled generators, with classifier-free guidance.
 
 diffusers has no class-conditional pipeline with guidance for ``UNet2DModel`` (``DDPMPipeline``
-is unconditional), so :func:`sample_ddpm` is that loop: any diffusers scheduler, guidance as
+is unconditional), so :func:`sample_ddpm` wraps erase's loop: any diffusers scheduler, guidance as
 ``eps_null + g * (eps_class - eps_null)`` with the null class the model was trained with.
 """
 
@@ -12,31 +12,20 @@ import torch
 DDPM_NULL_CLASS = 10  # index of the "no class" embedding of fmnist-ddpm (labels 0-9 are the classes)
 
 
-@torch.no_grad()
 def sample_ddpm(unet, scheduler, labels, guidance: float = 2.0, steps: int = 50,
                 generator: torch.Generator | None = None, null_class: int | None = None) -> torch.Tensor:
     """Images in [-1, 1], shape (N, C, H, W), for class ``labels`` (ints or a LongTensor).
 
     ``null_class`` defaults to ``unet.config.num_class_embeds - 1``; ``guidance`` 1 disables guidance.
-    Noise is drawn on the CPU from ``generator`` so a seed gives the same images on every device.
+    ``generator`` draws one seed per image; the images come from :func:`erase.diffusion.sampling.sample_ddpm`
+    (the one DDPM sampling loop), so they are the same on every device and in any batch.
     """
-    device, dtype = unet.device, unet.dtype
-    labels = torch.as_tensor(labels, dtype=torch.long).to(device)
+    from erase.diffusion.sampling import sample_ddpm as sample
+
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    seeds = torch.randint(0, 2**62, (len(labels),), generator=generator).tolist()
     null = unet.config.num_class_embeds - 1 if null_class is None else null_class
-    c, s = unet.config.in_channels, unet.config.sample_size
-    size = (s, s) if isinstance(s, int) else tuple(s)
-    x = torch.randn((len(labels), c, *size), generator=generator).to(device, dtype) * scheduler.init_noise_sigma
-    scheduler.set_timesteps(steps, device=device)
-    guided = guidance != 1.0
-    cond = torch.cat([labels, torch.full_like(labels, null)]) if guided else labels
-    for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-        eps = unet(inp, t, class_labels=cond).sample
-        if guided:
-            eps_c, eps_u = eps.chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-        x = scheduler.step(eps, t, x, generator=generator).prev_sample
-    return x.clamp(-1, 1)
+    return sample(unet, scheduler, labels, seeds, guidance, steps, null)[0]
 
 
 @torch.no_grad()
@@ -50,14 +39,15 @@ def sample_sd(pipe, prompts: list[str], guidance: float = 4.0, steps: int = 25,
 
 def load_ddpm(path, device="cpu", dtype=torch.float32):
     """The UNet and scheduler of a DDPM folder (``unet/`` + ``scheduler/``), e.g. ``fmnist-ddpm``."""
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
 
+    from erase.diffusion.loading import load_scheduler
     from erase.storage import resolve_model_dir
 
     d = resolve_model_dir(path, kind="DDPM")
     unet = UNet2DModel.from_pretrained(d / "unet").eval()  # float32 (diffusers' default)
     unet = unet.to(device) if dtype == torch.float32 else unet.to(device, dtype)
-    scheduler = DDIMScheduler.from_pretrained(d / "scheduler")
+    scheduler = load_scheduler(d / "scheduler")  # fmnist-ddpm: ancestral DDPM (its DDIM samples are noisy)
     return unet, scheduler
 
 
