@@ -274,11 +274,13 @@ class DiffusionTask(DiffusionOutputs):
         return F.mse_loss(pred.float(), target.float())
 
     def relabel(self, batch: dict) -> dict:
-        """Point a forget batch at another concept (SalUn's pseudo prompts / random other classes)."""
+        """Point a forget batch at another concept: SD, a random retain prompt (SalUn's SD code); DDPM, the next class."""
         n, device = batch["prompt"].shape[0], batch["prompt"].device
         if self.kind == "ddpm":
-            choice = torch.tensor(self.retain_classes, device=device)
-            return {**batch, "prompt": choice[torch.randint(0, len(choice), (n,), device=device)]}
+            # SalUn's DDPM code (runners/diffusion.py, method "rl"): the prediction under the forgotten
+            # class is pulled to the stop-gradient prediction under the next class, (c + 1) mod classes.
+            pseudo = (self.concept_class + 1) % self.null_class
+            return {**batch, "target_prompt": torch.full((n,), pseudo, dtype=torch.long, device=device)}
         start = len(self.forget_prompts)
         others = torch.randint(start, start + len(self.retain_prompts), (n,), device=device)
         return {**batch, "target_prompt": others}
