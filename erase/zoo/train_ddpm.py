@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="model folder to write (e.g. erase/zoo/fmnist-ddpm)")
     p.add_argument("--work-dir", default="work/zoo/ddpm", help="checkpoints")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=4500)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)

@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     p.add_argument("--output", required=True, help="pipeline folder to write (e.g. erase/zoo/fmnist-tiny-sd)")
     p.add_argument("--work-dir", default="work/zoo/tiny-sd", help="checkpoints, latent cache, trained VAE")
     p.add_argument("--vae", help="a trained AutoencoderKL folder; default: train one with erase.zoo.train_vae")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=2700)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
