@@ -27,14 +27,15 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("diffusion-models")
     os.environ["ERASE_CACHE"] = str(root / "cache")
     return {"sd1": tiny_sd(root / "sd1"), "sd2v": tiny_sd(root / "sd2v", v_prediction=True, sd2=True),
-            "ddpm": tiny_ddpm(root / "ddpm")}
+            "ddpm": tiny_ddpm(root / "ddpm"), "bundled": "fmnist-tiny-sd"}
 
 
 def _task(model_dir, concept="garbage truck", **kw):
     from erase.diffusion.task import DiffusionConfig, DiffusionTask
 
+    retain = {"airplane": "", "trouser": "bag,coat"}.get(concept, "church,parachute")
     cfg = DiffusionConfig(model=str(model_dir), concept=concept, n_forget=4, n_retain=4, sample_steps=2, eval_images=2,
-                          retain_concepts="" if concept == "airplane" else "church,parachute", **kw)
+                          retain_concepts=retain, **kw)
     return DiffusionTask(cfg, seed=0)
 
 
@@ -46,13 +47,14 @@ def _ctx(task, tmp_path):
                       output_dir=Path(tmp_path), seed=0)
 
 
-CASES = [(m, k) for m in erase.list_methods(task="diffusion") for k in ("sd1", "sd2v", "ddpm")
+CASES = [(m, k) for m in erase.list_methods(task="diffusion") for k in ("sd1", "sd2v", "ddpm", "bundled")
          if not (k == "ddpm" and m in ("esd-x", "fmn"))]
+CONCEPT = {"sd1": "garbage truck", "sd2v": "garbage truck", "ddpm": "airplane", "bundled": "trouser"}
 
 
 @pytest.mark.parametrize("method,kind", CASES)
 def test_method_two_steps(models, tmp_path, method, kind):
-    task = _task(models[kind], concept="airplane" if kind == "ddpm" else "garbage truck")
+    task = _task(models[kind], concept=CONCEPT[kind])
     ctx = _ctx(task, tmp_path)
     before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
     cls = erase.get_method(method, "diffusion")

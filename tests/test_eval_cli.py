@@ -200,6 +200,7 @@ def test_bundled_sd_before_and_after_an_erasure_in_ten_minutes(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "erase" / "evaluate.py"), str(run), "--no-progress"],
                          capture_output=True, text=True, env=env, timeout=900)
     seconds = time.perf_counter() - t0
+    print(f"bundled SD evaluation (base and erased): {seconds:.0f} s")
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((run / "evaluation" / "metrics.json").read_text())
     assert m["fid"]["name"] == "FID-fmnist" and m["concept_accuracy"]["concept"] == "trouser" and "nudenet" in m

@@ -20,7 +20,40 @@ def _evaluator(task):
     return load_classifier(name).to(task.device).eval()
 
 
+def _fid_fmnist(task, judge):
+    """FID-fmnist (the evaluator's features) with the Fashion-MNIST test set as the real side, or None.
+
+    Only for the bundled Fashion-MNIST models judged by ``fmnist-classifier``; the real features are
+    computed once per run and kept across ``reset()``.
+    """
+    if judge is None or not task.fmnist or (task.cfg.evaluator or "fmnist-classifier") != "fmnist-classifier":
+        return None
+    from erase.classifier.data import load_fashion_mnist
+    from erase.metrics.fid import fid_metric
+
+    try:
+        test = load_fashion_mnist(train=False, pad_to=32)
+    except Exception:  # noqa: BLE001 - no data here: the run still reports accuracies
+        return None
+    fid = fid_metric(judge).to(task.device)
+    fid.reset_real_features = False
+    for i in range(0, len(test), 1000):
+        fid.update(test.get_batch(range(i, min(i + 1000, len(test))))["image"].to(task.device), real=True)
+    return fid
+
+
 class DiffusionOutputs:
+    def _fid_of(self, images: list[torch.Tensor]) -> float | None:
+        """FID-fmnist of the concept and retain images (the paraphrase images are left out)."""
+        if getattr(self, "_fid", None) is None:
+            return None
+        self._fid.reset()
+        for g, x in zip(self._groups, images):
+            if g.name != "paraphrase":
+                self._fid.update(x.to(self.device), real=False)
+        return round(float(self._fid.compute()), 3)
+
+
     def before_training(self, model, out: Path) -> None:
         """Generate the base model's evaluation images (and judge them) before any weight changes."""
         from erase.diffusion.data import cached_tensor
@@ -34,6 +67,9 @@ class DiffusionOutputs:
         self._before_images = list(flat.split(sizes))
         self._judge = _evaluator(self)
         self._before_metrics = accuracy_metrics(self, self._groups, self._before_images, self._judge) if self._judge else {}
+        self._fid = _fid_fmnist(self, self._judge)
+        if self._fid is not None:
+            self._before_metrics["fid"] = self._fid_of(self._before_images)
 
 
     def evaluate(self, model, device=None) -> dict:
@@ -43,6 +79,8 @@ class DiffusionOutputs:
         self._after_images = after
         metrics = {"after": accuracy_metrics(self, self._groups, after, self._judge) if self._judge else {},
                    "before": self._before_metrics}
+        if getattr(self, "_fid", None) is not None:
+            metrics["after"]["fid"] = self._fid_of(after)
         metrics.update({k: v for k, v in metrics["after"].items() if not isinstance(v, dict)})
         metrics["settings"] = {
             "concept": self.concepts.concept, "retain": self.concepts.retain, "paraphrases": self.concepts.paraphrases,
@@ -51,6 +89,9 @@ class DiffusionOutputs:
             "images_per_prompt": self.cfg.eval_images, "seeds": f"{self._groups[0].seeds[0]}.. per prompt",
             "model": self.base.source, "prediction_type": self.base.prediction_type,
         }
+        if getattr(self, "_fid", None) is not None:
+            metrics["settings"]["fid"] = ("FID-fmnist: Frechet distance of fmnist-classifier features, the concept and "
+                                          "retain images vs the 10000 Fashion-MNIST test images (not Inception FID)")
         if not self._judge:
             metrics["note"] = "no evaluator for this model: pass --evaluator DIR for concept accuracy; see the grid"
         return metrics
@@ -86,7 +127,7 @@ class DiffusionOutputs:
         with atomic_path(out / "grid.png") as tmp:
             before_after_grid(rows).save(tmp, format="PNG")
         b, a = metrics.get("before", {}), metrics.get("after", {})
-        keys = [x for x in ("concept_acc", "paraphrase_acc", "other_acc") if x in a]
+        keys = [x for x in ("concept_acc", "paraphrase_acc", "other_acc", "fid") if x in a]
         table = ["| metric | base | erased |", "|---|---:|---:|"] + [f"| {x} | {b.get(x, '')} | {a.get(x, '')} |" for x in keys]
         where = {"pipeline": "model/", "lora": "lora/", "delta": "delta.safetensors"}[self.cfg.save_format]
         load = {
