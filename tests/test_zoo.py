@@ -77,15 +77,22 @@ def test_held_out_captions_are_never_trained_but_their_words_are():
     assert abs(sum(i == 0 for i in ids) / 2000 - captions.EMPTY_CAPTION_RATE) < 0.03
 
 
+def _tiny_class_unet():
+    """An 8x8 one-channel UNet2DModel with 3 class embeddings (2 classes + null), seeded."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       num_class_embeds=3, norm_num_groups=4).eval()
+
+
 def test_sample_ddpm_guidance_on_a_tiny_unet():
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler
 
     from erase.zoo.sampling import sample_ddpm
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       num_class_embeds=3, norm_num_groups=4).eval()
+    unet = _tiny_class_unet()
     sched = DDIMScheduler(num_train_timesteps=100)
     a = sample_ddpm(unet, sched, [0, 1], guidance=3.0, steps=4, generator=torch.Generator().manual_seed(1))
     b = sample_ddpm(unet, sched, [0, 1], guidance=3.0, steps=4, generator=torch.Generator().manual_seed(1))
@@ -127,14 +134,11 @@ def test_bundled_tiny_sd_loads_offline_and_generates(offline):
 
 def test_ancestral_ddpm_sampling_depends_on_the_seed_only():
     """DDPM steps draw fresh noise: it must come from each image's own generator, not the global RNG."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
     from erase.diffusion.sampling import sample_ddpm
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       num_class_embeds=3, norm_num_groups=4).eval()
+    unet = _tiny_class_unet()
     sched = DDPMScheduler(num_train_timesteps=100)
     pair, _ = sample_ddpm(unet, sched, [0, 1], [5, 6], 2.0, 4, 2)
     torch.manual_seed(123)  # a different global RNG state changes nothing
