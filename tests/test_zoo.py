@@ -202,3 +202,19 @@ def test_check_quick(tmp_path, offline):
     for r in res["generators"].values():
         assert len(r["per_class_accuracy"]) == 10 and r["fid_fmnist"] >= 0
     assert "FID-fmnist" in (tmp_path / "zoo_check.md").read_text()
+
+
+def test_ddpm_scheduler_class_comes_from_the_folder(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from erase.diffusion.loading import load_scheduler
+    from erase.errors import EraseError
+
+    DDPMScheduler(num_train_timesteps=10).save_pretrained(tmp_path)
+    assert type(load_scheduler(tmp_path)) is DDPMScheduler
+    cfg = tmp_path / "scheduler_config.json"
+    cfg.write_text(cfg.read_text().replace("DDPMScheduler", "UNet2DModel"))
+    with pytest.raises(EraseError, match="not a diffusers scheduler"):
+        load_scheduler(tmp_path)
+    with pytest.raises(EraseError, match="no scheduler_config.json"):
+        load_scheduler(tmp_path / "missing")

@@ -87,16 +87,18 @@ def _wrap_pipe(pipe, source: str, device, folder) -> DiffusionBase:
     return DiffusionBase("sd", pipe.unet, pipe.scheduler, source, pipe, folder)
 
 
-# Schedulers a DDPM folder may name; anything else falls back to DDIM with the same betas.
-DDPM_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler")
-
-
 def load_scheduler(folder: Path):
-    """The scheduler class a folder's ``scheduler_config.json`` names (a known diffusers one), else DDIM."""
+    """The diffusers scheduler class that a folder's ``scheduler_config.json`` names (e.g. DDPMScheduler)."""
     import diffusers
+    from diffusers import SchedulerMixin
 
-    name = json.loads((Path(folder) / "scheduler_config.json").read_text()).get("_class_name")
-    cls = getattr(diffusers, name if name in DDPM_SCHEDULERS else "DDIMScheduler")
+    config = Path(folder) / "scheduler_config.json"
+    if not config.is_file():
+        raise EraseError(f"{folder}: no scheduler_config.json; a DDPM folder needs scheduler/ beside unet/")
+    name = json.loads(config.read_text()).get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise EraseError(f"{config}: _class_name {name!r} is not a diffusers scheduler (e.g. DDPMScheduler, DDIMScheduler)")
     return cls.from_pretrained(folder, local_files_only=True)
 
 

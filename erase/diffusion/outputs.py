@@ -29,17 +29,13 @@ def _fid_fmnist(task, judge):
     if judge is None or not task.fmnist or (task.cfg.evaluator or "fmnist-classifier") != "fmnist-classifier":
         return None
     from erase.classifier.data import load_fashion_mnist
-    from erase.metrics.fid import fid_metric
+    from erase.metrics.fid import fid_metric, fit_reference
 
     try:
         test = load_fashion_mnist(train=False, pad_to=32)
     except Exception:  # noqa: BLE001 - no data here: the run still reports accuracies
         return None
-    fid = fid_metric(judge).to(task.device)
-    fid.reset_real_features = False
-    for i in range(0, len(test), 1000):
-        fid.update(test.get_batch(range(i, min(i + 1000, len(test))))["image"].to(task.device), real=True)
-    return fid
+    return fit_reference(fid_metric(judge).to(task.device), test.get_batch(range(len(test)))["image"], task.device)
 
 
 class DiffusionOutputs:
@@ -79,8 +75,9 @@ class DiffusionOutputs:
         self._after_images = after
         metrics = {"after": accuracy_metrics(self, self._groups, after, self._judge) if self._judge else {},
                    "before": self._before_metrics}
-        if getattr(self, "_fid", None) is not None:
-            metrics["after"]["fid"] = self._fid_of(after)
+        fid = self._fid_of(after)
+        if fid is not None:
+            metrics["after"]["fid"] = fid
         metrics.update({k: v for k, v in metrics["after"].items() if not isinstance(v, dict)})
         metrics["settings"] = {
             "concept": self.concepts.concept, "retain": self.concepts.retain, "paraphrases": self.concepts.paraphrases,
@@ -89,7 +86,7 @@ class DiffusionOutputs:
             "images_per_prompt": self.cfg.eval_images, "seeds": f"{self._groups[0].seeds[0]}.. per prompt",
             "model": self.base.source, "prediction_type": self.base.prediction_type,
         }
-        if getattr(self, "_fid", None) is not None:
+        if fid is not None:
             metrics["settings"]["fid"] = ("FID-fmnist: Frechet distance of fmnist-classifier features, the concept and "
                                           "retain images vs the 10000 Fashion-MNIST test images (not Inception FID)")
         if not self._judge:

@@ -60,6 +60,14 @@ def fid_metric(classifier: nn.Module):
     return FrechetInceptionDistance(feature=EvaluatorFeatures(classifier), normalize=True)
 
 
+def fit_reference(metric, images: torch.Tensor, device="cpu", batch_size: int = 500):
+    """Feed the real side of an FID metric once; it survives ``reset()``, so one reference serves many models."""
+    metric.reset_real_features = False
+    for i in range(0, len(images), batch_size):
+        metric.update(images[i:i + batch_size].float().to(device), real=True)
+    return metric
+
+
 def find_inception_weights(path: str | None = None) -> Path | None:
     """The weights file named by ``path``, else one already in the torch hub cache, else None."""
     if path:

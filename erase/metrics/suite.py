@@ -129,7 +129,7 @@ def evaluate_images(recs: list[ImageRecord], settings: SuiteSettings, device="cp
 
 
 def _fid(by_model, s: SuiteSettings, device, clip_bundle, result):
-    from erase.metrics.fid import build_fid
+    from erase.metrics.fid import build_fid, fit_reference
     from erase.zoo.captions import CLASS_NAMES
 
     names = {n for syn in CLASS_NAMES.values() for n in syn}
@@ -144,13 +144,11 @@ def _fid(by_model, s: SuiteSettings, device, clip_bundle, result):
     desc, source = ref
     metric.reset_real_features = False  # one reference, many models
     if isinstance(source, torch.Tensor):
-        for i in range(0, len(source), 500):
-            metric.update(source[i:i + 500].float().to(device), real=True)
-        n_ref = len(source)
+        fit_reference(metric, source, device)
     else:
         for _, x in _batches(source, s.batch_size):
             metric.update(x.to(device), real=True)
-        n_ref = len(source)
+    n_ref = len(source)
     values = {}
     for model, recs in by_model.items():
         if ref[1] is recs or len(recs) < 2:

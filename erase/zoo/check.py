@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from erase.classifier.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from erase.classifier.models import load_classifier
-from erase.metrics.fid import EvaluatorFeatures, fid_metric  # noqa: F401  (one FID implementation)
+from erase.metrics.fid import EvaluatorFeatures, fid_metric, fit_reference  # noqa: F401  (one FID implementation)
 from erase.storage import atomic_write_json, atomic_write_text, resolve_model_dir
 from erase.zoo import captions
 from erase.zoo.cards import model_kind
@@ -56,9 +56,7 @@ def check_generator(name: str, generate, classifier, test_images, n_per_class: i
 
     With ``grid_path``, the first 8 images of every class are saved as one PNG (a row per class).
     """
-    fid = fid_metric(classifier)
-    for i in range(0, len(test_images), 1000):
-        fid.update(test_images[i:i + 1000], real=True)
+    fid = fit_reference(fid_metric(classifier), test_images)
     per_class, rows, t0 = {}, [], time.perf_counter()
     for label, cls in enumerate(tqdm(FASHION_MNIST_CLASSES, desc=f"check {name}", mininterval=5)):
         imgs = generate(label, n_per_class, torch.Generator().manual_seed(seed + label))
