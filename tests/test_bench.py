@@ -71,3 +71,56 @@ def test_diffusion_benchmark_shards_partition_the_plan():
     for bad in ("2/2", "x", "1-2"):
         with pytest.raises(EraseError):
             diffusion.parse_shard(bad)
+
+
+def test_diffusion_targets_are_checked_per_seed_and_on_the_mean():
+    from erase.bench import diffusion
+
+    def rec(method, concept_after, other_after, model="fmnist-tiny-sd"):
+        return {"model": model, "concept": "trouser", "method": method, "status": "done", "run": {"total_s": 1.0},
+                "metrics": {"before": {"concept_acc": 100.0, "other_acc": 97.0},
+                            "after": {"concept_acc": concept_after, "other_acc": other_after}}}
+
+    records = [rec("salun", 0.0, 95.0), rec("salun", 10.0, 95.0), rec("salun", 0.0, 96.0),  # mean 3.3 % -> met
+               rec("esd-u", 0.0, 91.0), rec("esd-u", 0.0, 93.0),                              # drop 5.0 -> met, 1 seed 6
+               rec("salun", 0.0, 50.0, model="fmnist-ddpm"), rec("ga", 0.0, 97.0)]            # ga has no target
+    got = {(t["model"], t["method"]): t for t in diffusion.check_targets(records)}
+    assert set(got) == {("fmnist-tiny-sd", "salun"), ("fmnist-tiny-sd", "esd-u"), ("fmnist-ddpm", "salun")}
+    assert got["fmnist-tiny-sd", "salun"]["met_on_mean"] and got["fmnist-tiny-sd", "salun"]["seeds_met"] == 2
+    assert got["fmnist-tiny-sd", "esd-u"]["met_on_mean"] and got["fmnist-tiny-sd", "esd-u"]["seeds_met"] == 1
+    assert got["fmnist-ddpm", "salun"]["met_on_mean"]  # the DDPM target is UA only
+    records.append(rec("esd-u", 0.0, 80.0))
+    assert not {(t["model"], t["method"]): t for t in diffusion.check_targets(records)}["fmnist-tiny-sd", "esd-u"][
+        "met_on_mean"]
+    md = diffusion.markdown(diffusion.summarise(records), {"command": "x", "machine": "m", "runs_wall_s": 1,
+                                                         "wall_s": 0, "eval_images": 8}, diffusion.check_targets(records))
+    assert "**no**" in md and "## Targets" in md
+
+
+def test_finished_runs_of_another_recipe_are_not_read_back(tmp_path):
+    import yaml
+
+    from erase.bench.common import _stale
+    from erase.config import resolve
+
+    layers = ({"method": "ft", "output_dir": str(tmp_path), "seed": 0}, {"dataset": "fashion-mnist"}, {"lr": 0.01}, {})
+    resolve(*(dict(x) for x in layers)).save(tmp_path / "config.yaml")
+    assert not _stale(tmp_path, layers)
+    assert _stale(tmp_path, (layers[0], layers[1], {"lr": 0.02}, {}))          # the recipe changed
+    assert _stale(tmp_path, (layers[0], {"dataset": "cifar10"}, layers[2], {}))  # the task changed
+    stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    stored["method"]["an_option_added_later"] = 1
+    del stored["method"]["momentum"]                                            # an older run without a newer key
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert not _stale(tmp_path, layers)
+
+
+def test_method_overrides_parse_and_reject_malformed_items():
+    from erase.bench.common import parse_method_overrides
+    from erase.errors import EraseError
+
+    assert parse_method_overrides(["salun.lr=3e-4", "salun.epochs=15", "ssd.alpha=10"]) == {
+        "salun": {"lr": "3e-4", "epochs": 15}, "ssd": {"alpha": 10}}
+    for bad in ("salun.lr", "lr=1", ".lr=1", "salun.=1"):
+        with pytest.raises(EraseError, match="METHOD.FIELD=VALUE"):
+            parse_method_overrides([bad])

@@ -41,6 +41,7 @@ from erase.bench.common import (
     loadavg,
     machine_info,
     mean_std,
+    parse_method_overrides,
     run_once,
     set_threads,
     short_hash,
@@ -425,7 +426,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    import yaml
 
     from erase.errors import EraseError
 
@@ -441,12 +441,7 @@ def main(argv=None) -> int:
         v = getattr(args, k)
         if v is not None:
             setattr(s, k, v)
-    for item in args.set:
-        key, eq, value = item.partition("=")
-        method, dot, fld = key.partition(".")
-        if not (eq and dot and method and fld):
-            raise EraseError(f"--set expects METHOD.FIELD=VALUE, got {item!r}")
-        s.overrides.setdefault(method, {})[fld.replace("-", "_")] = yaml.safe_load(value)
+    s.overrides = parse_method_overrides(args.set)
     if s.n_models < 3:
         raise EraseError("--n-models must be at least 3 (the buckets end at ceil(ln(N - 1)))")
     s.retry_failed, s.report_only = args.retry_failed, args.report_only

@@ -45,6 +45,7 @@ from erase.bench.common import (
     loadavg,
     machine_info,
     mean_std,
+    parse_method_overrides,
     read_run,
     run_once,
     set_threads,
@@ -737,7 +738,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
-    import yaml
 
     s = BenchSettings()
     if args.quick:
@@ -758,14 +758,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         s.scenarios = [x.strip() for x in args.scenarios.split(sep) if x.strip()]
     if args.lr_grid:
         s.lr_grid = [float(x) for x in args.lr_grid.split(",") if x.strip()]
-    for item in args.set:
-        key, _, value = item.partition("=")
-        method, _, fld = key.partition(".")
-        if not method or not fld or not _:
-            from erase.errors import EraseError
-
-            raise EraseError(f"--set expects METHOD.FIELD=VALUE, got {item!r}")
-        s.overrides.setdefault(method.strip(), {})[fld.strip().replace("-", "_")] = yaml.safe_load(value)
+    s.overrides = parse_method_overrides(args.set)
     s.retry_failed, s.report_only = args.retry_failed, args.report_only
     return s
 

@@ -62,6 +62,25 @@ def cache_datasets() -> None:
     task_mod.load_dataset = load_dataset
 
 
+def parse_method_overrides(items: list[str]) -> dict[str, dict]:
+    """``["ssd.alpha=10", "salun.lr=3e-4"]`` -> {"ssd": {"alpha": 10}, "salun": {"lr": "3e-4"}}.
+
+    Values are read as YAML scalars; the method's typed config coerces them when the run resolves.
+    """
+    import yaml
+
+    from erase.errors import EraseError
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        method, dot, fld = key.partition(".")
+        if not (eq and dot and method.strip() and fld.strip()):
+            raise EraseError(f"--set expects METHOD.FIELD=VALUE, got {item!r}")
+        out.setdefault(method.strip(), {})[fld.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -111,6 +130,33 @@ def read_run(out: Path) -> dict | None:
     return None
 
 
+def _stale(out: Path, layers: tuple) -> bool:
+    """True when a finished run was made with other task or method settings than ``layers`` resolve to now.
+
+    Recipes live outside the run folder's name (a model's ``erase.yaml``, method defaults), so a changed
+    recipe must not silently read back runs of the old one. Only keys both configs have are compared:
+    an option added to the code later does not invalidate older runs.
+    """
+    import yaml
+
+    from erase.config import resolve
+
+    stored_file = out / "config.yaml"
+    if not stored_file.is_file():
+        return False
+    try:
+        now = resolve(*(dict(x) for x in layers))
+    except Exception:  # noqa: BLE001 - a config that no longer resolves is reported by the rerun itself
+        return True
+    stored = yaml.safe_load(stored_file.read_text()) or {}
+    current = yaml.safe_load(yaml.safe_dump(now.to_dict(), sort_keys=False))
+    for section in (now.task_name, "method"):
+        old, new = stored.get(section) or {}, current[section]
+        if any(k in old and old[k] != v for k, v in new.items()):
+            return True
+    return False
+
+
 def run_once(out: Path, method: str, task_layer: dict, method_layer: dict, seed: int, *,
              retry_failed: bool = False, keep_checkpoints: bool = False, dry: bool = False) -> dict:
     """Run one configuration into ``out`` unless it already finished (or failed); return its record.
@@ -121,8 +167,10 @@ def run_once(out: Path, method: str, task_layer: dict, method_layer: dict, seed:
     from erase.runner import run
 
     out = Path(out)
+    layers = ({"method": method, "output_dir": str(out), "seed": seed, "overwrite": True, "progress": False,
+               "log_every": 50}, dict(task_layer), dict(method_layer), {})
     rec = read_run(out)
-    if rec is not None and (rec["status"] == "done" or not retry_failed):
+    if rec is not None and (rec["status"] == "done" or not retry_failed) and not _stale(out, layers):
         rec["cached"] = True
         return rec
     if dry:
@@ -130,8 +178,7 @@ def run_once(out: Path, method: str, task_layer: dict, method_layer: dict, seed:
     (out / "failed.json").unlink(missing_ok=True)
     t0, load0 = time.perf_counter(), loadavg()
     try:
-        resolved = resolve({"method": method, "output_dir": str(out), "seed": seed, "overwrite": True,
-                            "progress": False, "log_every": 50}, dict(task_layer), dict(method_layer), {})
+        resolved = resolve(*(dict(x) for x in layers))
         run(resolved)
         metrics = json.loads((out / "metrics.json").read_text())
         if not _finite_metrics(metrics):

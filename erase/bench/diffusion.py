@@ -21,12 +21,29 @@ import sys
 import time
 from pathlib import Path
 
-from erase.bench.common import describe_machine, fmt_duration, fmt_pm, machine_info, mean_std, run_once, set_threads
+from erase.bench.common import (
+    describe_machine,
+    fmt_duration,
+    fmt_pm,
+    machine_info,
+    mean_std,
+    parse_method_overrides,
+    run_once,
+    set_threads,
+)
 
 SD_METHODS = ("salun", "esd-x", "esd-u", "fmn", "ga", "rl")
 DDPM_METHODS = ("salun", "esd-u", "rl", "ga")
 RESULTS = "results/diffusion_fmnist"
 KEYS = ("concept_acc", "paraphrase_acc", "other_acc", "fid")
+# The issue's done-when targets: (model, method, what is checked, test on one run's metrics).
+TARGETS = (
+    ("fmnist-tiny-sd", "salun", "concept acc <= 5 % and other-class acc within 5 points of the base",
+     lambda m: m["after"]["concept_acc"] <= 5 and m["before"]["other_acc"] - m["after"]["other_acc"] <= 5),
+    ("fmnist-tiny-sd", "esd-u", "concept acc <= 5 % and other-class acc within 5 points of the base",
+     lambda m: m["after"]["concept_acc"] <= 5 and m["before"]["other_acc"] - m["after"]["other_acc"] <= 5),
+    ("fmnist-ddpm", "salun", "UA >= 95 % (concept acc <= 5 %)", lambda m: m["after"]["concept_acc"] <= 5),
+)
 
 
 def plan(args) -> list[dict]:
@@ -48,10 +65,13 @@ def run_all(args) -> dict:
     for i, r in enumerate(plan(args)):
         if args.shard and i % args.shard[1] != args.shard[0]:
             continue
-        out = Path(args.out_dir) / scale / r["model"] / r["concept"].replace(" ", "-") / f"{r['method']}-s{r['seed']}"
+        override = args.overrides.get(r["method"], {})
+        slug = "_".join(f"{k}{v}" for k, v in override.items())  # a trial recipe gets its own folders
+        name = r["method"] + (f"-{slug}" if slug else "") + f"-s{r['seed']}"
+        out = Path(args.out_dir) / scale / r["model"] / r["concept"].replace(" ", "-") / name
         task = {"model": r["model"], "concept": r["concept"], "data_seed": r["seed"],
                 "eval_images": args.eval_images, "n_forget": args.n_forget, "n_retain": args.n_retain}
-        rec = run_once(out, r["method"], task, {}, r["seed"], retry_failed=args.retry_failed)
+        rec = run_once(out, r["method"], task, dict(override), r["seed"], retry_failed=args.retry_failed)
         print(f"{r['model']:15s} {r['concept']:8s} {r['method']:6s} seed {r['seed']}: {rec['status']}"
               + (f" ({rec.get('error', '')[:120]})" if rec["status"] == "failed" else ""), flush=True)
         records.append({**r, **rec})
@@ -76,18 +96,38 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def check_targets(records: list[dict]) -> list[dict]:
+    """Each target per (model, concept): on the mean over seeds, and in how many seeds it holds."""
+    out = []
+    for model, method, what, ok in TARGETS:
+        by_concept: dict[str, list[dict]] = {}
+        for r in records:
+            if r["model"] == model and r["method"] == method and r["status"] == "done":
+                by_concept.setdefault(r["concept"], []).append(r["metrics"])
+        for concept, ms in by_concept.items():
+            mean = {when: {k: mean_std([m[when].get(k) for m in ms])[0] for k in ("concept_acc", "other_acc")}
+                    for when in ("before", "after")}
+            out.append({"model": model, "concept": concept, "method": method, "target": what,
+                        "met_on_mean": bool(ok(mean)), "seeds_met": sum(bool(ok(m)) for m in ms), "seeds": len(ms),
+                        "concept_acc_after": mean["after"]["concept_acc"],
+                        "other_acc_drop": mean["before"]["other_acc"] - mean["after"]["other_acc"]})
+    return out
+
+
+def markdown(rows: list[dict], meta: dict, targets: list[dict]) -> str:
     head = ("| model | concept | method | seeds | concept acc before → after | paraphrase acc after | "
             "other-class acc before → after | FID-fmnist before → after | train time |")
     lines = ["# Diffusion erasure on the bundled Fashion-MNIST models", "",
-             f"- command: `{meta['command']}`", f"- machine: {meta['machine']}",
+             f"- command: `{meta['command']}`",
+             f"- machine: {meta['machine']} per run",
              f"- wall time: {fmt_duration(meta['runs_wall_s'])} summed over the runs (generation, training, evaluation); "
              f"this invocation {fmt_duration(meta['wall_s'])} (runs read back from an earlier invocation cost 0)",
              f"- evaluation: {meta['eval_images']} images per prompt from fixed seeds, judged by `fmnist-classifier`; "
              "concept acc = share classified as the erased class (UA = 100 − it); other-class acc = mean over the "
              "other classes; paraphrase acc = held-out prompts naming the concept (SD only)",
              "- hyper-parameters: each method's recipe from the model's `erase.yaml` (one recipe for every concept and "
-             "seed); mean ± std over seeds", "", head, "|" + "---|" * 9]
+             "seed)" + (f", overridden by `{meta['set']}`" if meta.get("set") else "")
+             + "; mean ± std over seeds", "", head, "|" + "---|" * 9]
     def pair(r, key):
         b, a = r[f"{key}_before"], r[f"{key}_after"]
         return "—" if a[0] is None else f"{fmt_pm(*b, 1)} → {fmt_pm(*a, 1)}"
@@ -97,6 +137,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      + (f" ({r['failed']} failed)" if r["failed"] else "")
                      + f" | {pair(r, 'concept_acc')} | {fmt_pm(*r['paraphrase_acc_after'], 1)} | {pair(r, 'other_acc')} | "
                      f"{pair(r, 'fid')} | {fmt_pm(*r['time_s'], 0)} s |")
+    lines += ["", "## Targets (the issue's done-when; checked on the mean over seeds and per seed)", "",
+              "| model | concept | method | target | concept acc after | other-class drop | met (mean) | seeds met |",
+              "|" + "---|" * 8]
+    for t in targets:
+        lines.append(f"| {t['model']} | {t['concept']} | {t['method']} | {t['target']} | {t['concept_acc_after']:.1f} | "
+                     f"{t['other_acc_drop']:.1f} | {'yes' if t['met_on_mean'] else '**no**'} | "
+                     f"{t['seeds_met']}/{t['seeds']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -114,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-retain", type=int, default=64, help="generated retain images")
     p.add_argument("--out-dir", default="runs/bench/diffusion", help="where the runs go (finished runs are reused)")
     p.add_argument("--results", default=RESULTS, help="prefix of the .json/.md results")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                   help="override a method's recipe for every run of it, e.g. --set salun.lr=3e-4 (repeatable): tries "
+                   "a recipe across seeds before it goes into erase.yaml; such runs get their own folders and the "
+                   "results go to results/diffusion_tune/ unless --results is given")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")
     p.add_argument("--shard", default="", metavar="I/N", help="run only runs I, I+N, I+2N, ... of the plan (0-based), "
@@ -145,6 +196,10 @@ def main(argv=None) -> int:
         if args.results == RESULTS:
             args.results = RESULTS + "_quick"
     args.shard = parse_shard(args.shard)
+    args.overrides = parse_method_overrides(args.set)
+    if args.overrides and args.results == RESULTS:  # a trial recipe never overwrites the benchmark's results
+        args.results = "results/diffusion_tune/" + "_".join(
+            f"{m}.{k}{v}" for m, o in args.overrides.items() for k, v in o.items())
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     args.concepts, args.ddpm_concepts = split(args.concepts), split(args.ddpm_concepts)
     args.sd_methods, args.ddpm_methods = split(args.sd_methods), split(args.ddpm_methods)
@@ -154,14 +209,20 @@ def main(argv=None) -> int:
         print(f"shard {args.shard[0]}/{args.shard[1]} done; run again without --shard for the report")
         return 0
     rows = summarise(result["records"])
+    # The threads the runs used (shards may differ from this collecting process).
+    run_threads = "/".join(str(t) for t in sorted({r.get("bench", {}).get("torch_threads") for r in
+                                                    result["records"]} - {None})) or "?"
     meta = {"command": "python -m erase.bench.diffusion " + " ".join(sys.argv[1:] if argv is None else argv),
-            "machine": describe_machine(machine_info()), "wall_s": result["wall_s"], "eval_images": args.eval_images,
+            "machine": describe_machine({**machine_info(), "torch_threads": run_threads}), "wall_s": result["wall_s"],
+            "eval_images": args.eval_images,
             "runs_wall_s": sum(r.get("bench", {}).get("wall_s", 0.0) for r in result["records"]),
-            "seeds": args.seeds}
+            "seeds": args.seeds, "set": " ".join(f"--set {x}" for x in args.set)}
+    targets = check_targets(result["records"])
     prefix = Path(args.results)
-    atomic_write_json({"meta": meta, "rows": rows, "runs": result["records"]}, prefix.with_suffix(".json"))
-    atomic_write_text(markdown(rows, meta), prefix.with_suffix(".md"))
-    print(markdown(rows, meta))
+    atomic_write_json({"meta": meta, "rows": rows, "targets": targets, "runs": result["records"]},
+                      prefix.with_suffix(".json"))
+    atomic_write_text(markdown(rows, meta, targets), prefix.with_suffix(".md"))
+    print(markdown(rows, meta, targets))
     return 0
 
 
