@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     args.overrides = parse_method_overrides(args.set)
     if args.overrides and args.results == RESULTS:  # a trial recipe never overwrites the benchmark's results
         args.results = "results/diffusion_tune/" + "_".join(
-            f"{m}.{k}{v}" for m, o in args.overrides.items() for k, v in o.items())
+            f"{m}-{k}{v}" for m, o in args.overrides.items() for k, v in o.items())
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     args.concepts, args.ddpm_concepts = split(args.concepts), split(args.ddpm_concepts)
     args.sd_methods, args.ddpm_methods = split(args.sd_methods), split(args.ddpm_methods)
@@ -218,10 +218,9 @@ def main(argv=None) -> int:
             "runs_wall_s": sum(r.get("bench", {}).get("wall_s", 0.0) for r in result["records"]),
             "seeds": args.seeds, "set": " ".join(f"--set {x}" for x in args.set)}
     targets = check_targets(result["records"])
-    prefix = Path(args.results)
-    atomic_write_json({"meta": meta, "rows": rows, "targets": targets, "runs": result["records"]},
-                      prefix.with_suffix(".json"))
-    atomic_write_text(markdown(rows, meta, targets), prefix.with_suffix(".md"))
+    prefix = str(args.results)  # not Path.with_suffix: a trial's name may hold dots (lr3.5e-05)
+    atomic_write_json({"meta": meta, "rows": rows, "targets": targets, "runs": result["records"]}, prefix + ".json")
+    atomic_write_text(markdown(rows, meta, targets), prefix + ".md")
     print(markdown(rows, meta, targets))
     return 0
 
