@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,7 +237,9 @@ def parse_forget_spec(spec: str, train: ImageTensorDataset, test: ImageTensorDat
         if not path.is_file():
             raise EraseError(f"indices file not found: {path}")
         try:
-            raw = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, delimiter=",", ndmin=1)
+            with warnings.catch_warnings():  # an empty file gets our own error below, not numpy's warning too
+                warnings.simplefilter("ignore", UserWarning)
+                raw = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, delimiter=",", ndmin=1)
         except ValueError as err:
             raise EraseError(f"{path}: expected integer indices, one per line or comma-separated ({err})") from None
         forget = torch.as_tensor(np.unique(np.asarray(raw, dtype=np.int64).ravel()))
