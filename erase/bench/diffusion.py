@@ -92,6 +92,7 @@ def summarise(records: list[dict]) -> list[dict]:
                 vals = [r["metrics"].get(when, {}).get(key) for r in done]
                 row[f"{key}_{when}"] = mean_std([v for v in vals if v is not None])
         row["time_s"] = mean_std([r["run"]["total_s"] for r in done])
+        row["wall_s"] = mean_std([r.get("bench", {}).get("wall_s") for r in done])
         rows.append(row)
     return rows
 
@@ -116,7 +117,7 @@ def check_targets(records: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], meta: dict, targets: list[dict]) -> str:
     head = ("| model | concept | method | seeds | concept acc before → after | paraphrase acc after | "
-            "other-class acc before → after | FID-fmnist before → after | train time |")
+            "other-class acc before → after | FID-fmnist before → after | train time | run wall time |")
     lines = ["# Diffusion erasure on the bundled Fashion-MNIST models", "",
              f"- command: `{meta['command']}`",
              f"- machine: {meta['machine']} per run",
@@ -125,9 +126,11 @@ def markdown(rows: list[dict], meta: dict, targets: list[dict]) -> str:
              f"- evaluation: {meta['eval_images']} images per prompt from fixed seeds, judged by `fmnist-classifier`; "
              "concept acc = share classified as the erased class (UA = 100 − it); other-class acc = mean over the "
              "other classes; paraphrase acc = held-out prompts naming the concept (SD only)",
+             "- train time = set-up + training; run wall time = the whole run (data generation, training, the "
+             "evaluation before and after, FID), under the machine load of its moment",
              "- hyper-parameters: each method's recipe from the model's `erase.yaml` (one recipe for every concept and "
              "seed)" + (f", overridden by `{meta['set']}`" if meta.get("set") else "")
-             + "; mean ± std over seeds", "", head, "|" + "---|" * 9]
+             + "; mean ± std over seeds", "", head, "|" + "---|" * 10]
     def pair(r, key):
         b, a = r[f"{key}_before"], r[f"{key}_after"]
         return "—" if a[0] is None else f"{fmt_pm(*b, 1)} → {fmt_pm(*a, 1)}"
@@ -136,7 +139,7 @@ def markdown(rows: list[dict], meta: dict, targets: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['concept']} | {r['method']} | {r['seeds']}"
                      + (f" ({r['failed']} failed)" if r["failed"] else "")
                      + f" | {pair(r, 'concept_acc')} | {fmt_pm(*r['paraphrase_acc_after'], 1)} | {pair(r, 'other_acc')} | "
-                     f"{pair(r, 'fid')} | {fmt_pm(*r['time_s'], 0)} s |")
+                     f"{pair(r, 'fid')} | {fmt_pm(*r['time_s'], 0)} s | {fmt_pm(*r['wall_s'], 0)} s |")
     lines += ["", "## Targets (the issue's done-when; checked on the mean over seeds and per seed)", "",
               "| model | concept | method | target | concept acc after | other-class drop | met (mean) | seeds met |",
               "|" + "---|" * 8]
