@@ -96,7 +96,8 @@ def machine_info() -> dict:
 
 
 def describe_machine(info: dict) -> str:
-    dev = f"GPU {info['gpu']}" if info.get("gpu") else f"{info['torch_threads']} torch threads"
+    n = info["torch_threads"]
+    dev = f"GPU {info['gpu']}" if info.get("gpu") else f"{n} torch thread{'' if str(n) == '1' else 's'}"
     return f"{info['cpu']} ({info['logical_cpus']} logical CPUs), {dev}, torch {info['torch']}"
 
 
