@@ -426,7 +426,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-
     from erase.errors import EraseError
 
     args = build_parser().parse_args(argv)

@@ -738,7 +738,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
-
     s = BenchSettings()
     if args.quick:
         for k, v in QUICK.items():

@@ -36,12 +36,17 @@ SD_METHODS = ("salun", "esd-x", "esd-u", "fmn", "ga", "rl")
 DDPM_METHODS = ("salun", "esd-u", "rl", "ga")
 RESULTS = "results/diffusion_fmnist"
 KEYS = ("concept_acc", "paraphrase_acc", "other_acc", "fid")
-# The done-when targets: (model, method, what is checked, test on one run's metrics).
+
+
+def _erased_and_kept(m: dict) -> bool:
+    return m["after"]["concept_acc"] <= 5 and m["before"]["other_acc"] - m["after"]["other_acc"] <= 5
+
+
+ERASED_AND_KEPT = "concept acc <= 5 % and other-class acc within 5 points of the base"
+# The done-when targets: (model, method, what is checked, test on one run's or the mean's metrics).
 TARGETS = (
-    ("fmnist-tiny-sd", "salun", "concept acc <= 5 % and other-class acc within 5 points of the base",
-     lambda m: m["after"]["concept_acc"] <= 5 and m["before"]["other_acc"] - m["after"]["other_acc"] <= 5),
-    ("fmnist-tiny-sd", "esd-u", "concept acc <= 5 % and other-class acc within 5 points of the base",
-     lambda m: m["after"]["concept_acc"] <= 5 and m["before"]["other_acc"] - m["after"]["other_acc"] <= 5),
+    ("fmnist-tiny-sd", "salun", ERASED_AND_KEPT, _erased_and_kept),
+    ("fmnist-tiny-sd", "esd-u", ERASED_AND_KEPT, _erased_and_kept),
     ("fmnist-ddpm", "salun", "UA >= 95 % (concept acc <= 5 %)", lambda m: m["after"]["concept_acc"] <= 5),
 )
 

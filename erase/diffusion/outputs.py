@@ -49,7 +49,6 @@ class DiffusionOutputs:
                 self._fid.update(x.to(self.device), real=False)
         return round(float(self._fid.compute()), 3)
 
-
     def before_training(self, model, out: Path) -> None:
         """Generate the base model's evaluation images (and judge them) before any weight changes."""
         from erase.diffusion.data import cached_tensor
