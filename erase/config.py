@@ -18,9 +18,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from erase.engine.method import MethodConfig
 from erase.errors import EraseError
-from erase.methods.base import MethodConfig, opt
-from erase.registry import get_method, list_methods
+from erase.fields import opt
+from erase.methods import get_method, list_methods
 
 
 @dataclass

@@ -1,61 +1,58 @@
-"""The method registry: one validated name -> one small method class.
+"""Registries: one validated name -> one small class (methods today, attacks next).
 
-Methods register themselves with ``@register_method("name")``. Names are lower-case, unique and
-declare the tasks they support, so the CLI can list valid choices and reject typos with the list.
+A class registers itself with a decorator (``@register_method("salun")``). Names are lower-case and
+unique, and each class declares the tasks it supports, so a CLI can list the valid choices and reject
+a typo with that list. This module is a leaf: the packages that own the classes (``erase.methods``)
+import their files, so looking a name up goes through that package (``erase.methods.get_method``).
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Generic, TypeVar
 
 from erase.errors import EraseError
 
-if TYPE_CHECKING:
-    from erase.methods.base import Method
-
-_METHODS: dict[str, type[Method]] = {}
+T = TypeVar("T")
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
 
 
-def register_method(name: str):
-    """Class decorator adding a :class:`~erase.methods.base.Method` subclass under ``name``."""
-    if not _NAME.match(name):
-        raise ValueError(f"invalid method name {name!r}: use lower-case letters, digits, '_' or '-'")
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._classes: dict[str, type[T]] = {}
 
-    def decorator(cls):
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__module__}")
-        if not getattr(cls, "tasks", None):
-            raise ValueError(f"method {name!r} must declare the tasks it supports")
-        cls.name = name
-        _METHODS[name] = cls
+    def register(self, name: str):
+        """Class decorator adding ``cls`` under ``name`` (sets ``cls.name``)."""
+        if not _NAME.match(name):
+            raise ValueError(f"invalid {self.kind} name {name!r}: use lower-case letters, digits, '_' or '-'")
+
+        def decorator(cls):
+            if name in self._classes and self._classes[name] is not cls:
+                raise ValueError(f"{self.kind} {name!r} is already registered by {self._classes[name].__module__}")
+            if not getattr(cls, "tasks", None):
+                raise ValueError(f"{self.kind} {name!r} must declare the tasks it supports")
+            cls.name = name
+            self._classes[name] = cls
+            return cls
+
+        return decorator
+
+    def names(self, task: str | None = None) -> list[str]:
+        """Sorted names, optionally only those supporting ``task``."""
+        return sorted(n for n, cls in self._classes.items() if task is None or task in cls.tasks)
+
+    def get(self, name: str, task: str | None = None) -> type[T]:
+        """The class for ``name``; a clear error listing the choices otherwise."""
+        key = name.strip().lower()
+        if key not in self._classes:
+            raise EraseError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names(task))}")
+        cls = self._classes[key]
+        if task is not None and task not in cls.tasks:
+            raise EraseError(f"{self.kind} {key!r} does not support task {task!r} (it supports {', '.join(cls.tasks)}); "
+                             f"{self.kind}s for {task}: {', '.join(self.names(task))}")
         return cls
 
-    return decorator
 
-
-def _load_builtin_methods() -> None:
-    # Importing the package registers every built-in method file exactly once.
-    import erase.methods  # noqa: F401
-
-
-def list_methods(task: str | None = None) -> list[str]:
-    """Sorted names of the registered methods, optionally only those supporting ``task``."""
-    _load_builtin_methods()
-    return sorted(n for n, cls in _METHODS.items() if task is None or task in cls.tasks)
-
-
-def get_method(name: str, task: str | None = None) -> type[Method]:
-    """The method class for ``name``; a clear error listing the choices otherwise."""
-    _load_builtin_methods()
-    key = name.strip().lower()
-    if key not in _METHODS:
-        raise EraseError(f"unknown method {name!r}; choose one of: {', '.join(list_methods(task))}")
-    cls = _METHODS[key]
-    if task is not None and task not in cls.tasks:
-        raise EraseError(
-            f"method {key!r} does not support task {task!r} (it supports {', '.join(cls.tasks)}); "
-            f"methods for {task}: {', '.join(list_methods(task))}"
-        )
-    return cls
+METHODS: Registry = Registry("method")
+register_method = METHODS.register

@@ -24,7 +24,7 @@ examples:
 
 def main(argv=None) -> int:
     from erase.config import parse_cli
-    from erase.registry import list_methods
+    from erase.methods import list_methods
     from erase.runner import run
 
     resolved, ns = parse_cli(argv, prog="erase/train.py", description=DESCRIPTION)

@@ -17,7 +17,7 @@ def test_budget_rule_scales_epochs_and_tunes_learning_rates():
     assert method_layer("ft", s, 3.0)["lr"] == 0.5  # explicit overrides win
     names = registered_methods(BenchSettings())
     assert "retrain" not in names and {"ft", "salun"} <= set(names)
-    from erase.registry import get_method
+    from erase.methods import get_method
 
     for name in names:  # every registered method gets a budget layer and something to tune
         layer = method_layer(name, BenchSettings(), 1.0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from erase.engine import LoopSettings, ParameterMask, run_method
+from erase.engine.method import Method, MethodConfig, Phase
 from erase.errors import NonFiniteLossError
-from erase.methods.base import Method, MethodConfig, Phase
 from tests.conftest import ToyTask, make_ctx, toy_model
 
 

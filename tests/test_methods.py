@@ -14,7 +14,7 @@ def test_registry_lists_the_foundation_methods():
 
 
 def test_registry_rejects_duplicates_and_unknown_names():
-    from erase.methods.base import Method
+    from erase.engine.method import Method
     from erase.registry import register_method
 
     with pytest.raises(ValueError, match="already registered"):

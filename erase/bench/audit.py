@@ -107,7 +107,7 @@ def benchmark_choice(s: AuditSettings) -> dict:
 
 def resolve_methods(s: AuditSettings, bench: dict) -> list[str]:
     from erase.errors import EraseError
-    from erase.registry import list_methods
+    from erase.methods import list_methods
 
     out = []
     for m in s.methods:
@@ -123,7 +123,7 @@ def resolve_methods(s: AuditSettings, bench: dict) -> list[str]:
 
 
 def method_layer(name: str, s: AuditSettings, bench: dict) -> tuple[dict, str]:
-    from erase.registry import get_method
+    from erase.methods import get_method
 
     if name in bench.get("chosen", {}):
         layer, source = dict(bench["chosen"][name]), f"chosen by the benchmark ({bench['source']}, {bench['scenario']})"

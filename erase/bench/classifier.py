@@ -153,7 +153,7 @@ def tuned_fields(name: str, cfg) -> list[str]:
 
 def method_layer(name: str, s: BenchSettings, mult: float) -> dict:
     """The method's config layer under the budget rule, with its tuned fields times ``mult``."""
-    from erase.registry import get_method
+    from erase.methods import get_method
 
     cfg = get_method(name, "classifier").Config()
     layer = {"epochs": round(cfg.epochs * s.epoch_scale, 6)}
@@ -167,7 +167,7 @@ def method_layer(name: str, s: BenchSettings, mult: float) -> dict:
 
 
 def registered_methods(s: BenchSettings) -> list[str]:
-    from erase.registry import list_methods
+    from erase.methods import list_methods
 
     names = [m for m in list_methods("classifier") if m not in SKIP_METHODS]
     if s.methods:
@@ -417,7 +417,7 @@ def summarise(s: BenchSettings, scen_results: dict, methods: list[str], orig: di
                 continue
             srows = [_seed_row(rec, refs[i], i) for i, rec in enumerate(mres["seeds"])]
             entry = {"status": mres["status"], "tuning": mres["tuning"], "seeds": srows, "summary": _aggregate(srows)}
-            from erase.registry import get_method
+            from erase.methods import get_method
 
             entry["tuned_fields"] = tuned_fields(name, get_method(name, "classifier").Config())
             if "chosen" in mres:

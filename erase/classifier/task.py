@@ -17,7 +17,7 @@ from erase.classifier.data import DATASET_STATS, load_dataset, parse_forget_spec
 from erase.classifier.models import ResNet18, ResNetConfig, build_model, load_classifier, save_classifier
 from erase.engine.streams import DataView, move_to
 from erase.errors import EraseError
-from erase.methods.base import opt
+from erase.fields import opt
 
 
 @dataclass

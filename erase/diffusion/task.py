@@ -24,7 +24,7 @@ from erase.diffusion.outputs import DiffusionOutputs
 from erase.diffusion.sampling import decode_sd, encode_sd, sample_ddpm, sample_sd
 from erase.engine.streams import DataView
 from erase.errors import EraseError
-from erase.methods.base import opt
+from erase.fields import opt
 
 FMNIST_MODELS = ("fmnist-tiny-sd", "fmnist-ddpm")
 

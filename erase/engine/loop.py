@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 from erase.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from erase.engine.context import RunContext
 from erase.engine.masking import ParameterMask
+from erase.engine.method import Method
 from erase.engine.optim import build_optimizer, lr_factor
 from erase.engine.streams import Stream, move_to
 from erase.errors import EraseError, NonFiniteLossError
-from erase.methods.base import Method
 
 
 @dataclass

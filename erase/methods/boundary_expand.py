@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from erase.engine.method import Method, MethodConfig
 from erase.errors import EraseError
+from erase.fields import opt
 from erase.methods._layers import classifier_head
-from erase.methods.base import Method, MethodConfig, opt
 from erase.registry import register_method
 
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from erase.engine.method import Method, MethodConfig, Phase
 from erase.errors import EraseError
-from erase.methods.base import Method, MethodConfig, Phase, opt
+from erase.fields import opt
 from erase.registry import register_method
 
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from erase.engine.method import Method, MethodConfig
 from erase.errors import EraseError
-from erase.methods.base import Method, MethodConfig, opt
+from erase.fields import opt
 from erase.methods.esd import is_cross_attention
 from erase.registry import register_method
 

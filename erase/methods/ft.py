@@ -5,7 +5,8 @@ Defaults follow the sparse-unlearning / SalUn code for CIFAR-10: SGD lr 0.01, 10
 
 from dataclasses import dataclass
 
-from erase.methods.base import Method, MethodConfig, opt
+from erase.engine.method import Method, MethodConfig
+from erase.fields import opt
 from erase.registry import register_method
 
 

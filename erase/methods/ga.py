@@ -6,7 +6,8 @@ GA is unbounded: past a few epochs it destroys the model, which is why it is a b
 
 from dataclasses import dataclass
 
-from erase.methods.base import Method, MethodConfig, opt
+from erase.engine.method import Method, MethodConfig
+from erase.fields import opt
 from erase.registry import register_method
 
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from erase.engine.method import Method, MethodConfig
 from erase.errors import EraseError
-from erase.methods.base import Method, MethodConfig, opt
+from erase.fields import opt
 from erase.registry import register_method
 
 

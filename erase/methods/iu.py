@@ -36,9 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
+from erase.engine.method import Method, MethodConfig
 from erase.engine.streams import move_to
 from erase.errors import EraseError
-from erase.methods.base import Method, MethodConfig, opt
+from erase.fields import opt
 from erase.registry import register_method
 
 MAX_WOODBURY_BYTES = 2 * 2**30

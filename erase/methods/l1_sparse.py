@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+from erase.engine.method import Method, MethodConfig
 from erase.errors import EraseError
-from erase.methods.base import Method, MethodConfig, opt
+from erase.fields import opt
 from erase.registry import register_method
 
 

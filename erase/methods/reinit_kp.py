@@ -43,7 +43,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from erase.engine.method import Method, MethodConfig, Phase
 from erase.errors import EraseError
+from erase.fields import opt
 from erase.methods._layers import (
     CONV,
     NORM,
@@ -57,7 +59,6 @@ from erase.methods._layers import (
     seed_for,
     seeded_reset,
 )
-from erase.methods.base import Method, MethodConfig, Phase, opt
 from erase.registry import register_method
 
 

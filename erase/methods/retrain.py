@@ -10,7 +10,8 @@ smoothing 0.1, batch 128, flip + shift augmentation.
 
 from dataclasses import dataclass
 
-from erase.methods.base import Method, MethodConfig, opt
+from erase.engine.method import Method, MethodConfig
+from erase.fields import opt
 from erase.registry import register_method
 
 

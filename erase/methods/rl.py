@@ -12,7 +12,8 @@ epochs, constant lr.
 
 from dataclasses import dataclass
 
-from erase.methods.base import Method, MethodConfig, Phase, opt
+from erase.engine.method import Method, MethodConfig, Phase
+from erase.fields import opt
 from erase.registry import register_method
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from erase.methods.base import opt
+from erase.fields import opt
 from erase.methods.rl import RandomLabel, RLConfig
 from erase.registry import register_method
 from erase.saliency import density_report, gradient_statistics, load_masks, save_masks, topk_masks

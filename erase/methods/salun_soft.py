@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from erase.errors import EraseError
-from erase.methods.base import opt
+from erase.fields import opt
 from erase.methods.salun import SalUn, SalUnConfig
 from erase.registry import register_method
 

@@ -14,24 +14,18 @@ A method never owns a loop. The engine calls, in order:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from erase.errors import EraseError
+from erase.fields import field_problems, opt
+
 if TYPE_CHECKING:
     from erase.engine.context import RunContext
-
-
-def opt(default: Any, help: str, choices: tuple | None = None):
-    """A config field with help text (shown by ``--help``) and optional allowed values."""
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -51,15 +45,16 @@ class MethodConfig:
     loss_weights: dict = opt({}, "override weights of named loss terms, e.g. {forget_ce: -1.0}")
 
     def validate(self) -> None:
-        from erase.errors import EraseError
-
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value not in choices:
-                raise EraseError(f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, got {value!r}")
-        if self.lr < 0 or self.batch_size < 1 or self.epochs < 0:
-            raise EraseError("lr must be >= 0, batch size >= 1 and epochs >= 0")
+        """Reject values outside their range before any model loads; subclasses add their own checks."""
+        problems = field_problems(self)
+        if self.lr < 0:
+            problems.append(f"--lr must be >= 0, got {self.lr}")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.epochs < 0:
+            problems.append(f"--epochs must be >= 0, got {self.epochs}")
+        if problems:
+            raise EraseError("; ".join(problems))
 
 
 @dataclass
@@ -103,6 +98,11 @@ class Method:
     from_scratch: ClassVar[bool] = False
     # Config defaults that differ by task, e.g. {"diffusion": {"optimizer": "adam", "lr": 1e-5}}.
     task_defaults: ClassVar[dict[str, dict]] = {}
+    # The knobs a benchmark's tuning grid multiplies; None: every learning rate (``lr`` and ``*_lr``).
+    # Closed-form methods name their step size instead (e.g. SSD's ``alpha``).
+    tunable: ClassVar[tuple[str, ...] | None] = None
+    # Lengths in epochs that a budget rule scales besides ``epochs`` (e.g. a warm-up's epochs).
+    epoch_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig):
         config.validate()
@@ -142,8 +142,6 @@ class Method:
         w = dict(self.default_weights)
         unknown = set(self.config.loss_weights) - set(w)
         if unknown:
-            from erase.errors import EraseError
-
             raise EraseError(f"{self.name}: unknown loss term(s) {sorted(unknown)}; terms: {sorted(w)}")
         w.update({k: float(v) for k, v in self.config.loss_weights.items()})
         return w
