@@ -11,9 +11,12 @@ from __future__ import annotations
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from erase.config import Resolved, task_registry
 from erase.engine import LoopSettings, RunContext, run_method
@@ -25,16 +28,22 @@ RUN_OUTPUTS = ("checkpoints", "model.safetensors", "config.json", "config.yaml",
                "grid.png", "README.md")
 
 
+@dataclass
+class RunResult:
+    output_dir: Path
+    metrics: dict   # what metrics.json holds ({} on processes other than the main one)
+    info: dict      # what run.json holds (timings, steps, machine)
+
+
 def default_output_dir(r: Resolved) -> Path:
-    target = getattr(r.task, "forget", None) or getattr(r.task, "concept", "") or "run"
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in str(target)).strip("-")
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in r.task.label()).strip("-")
     return Path("runs") / f"{r.method_cls.name}-{safe}"
 
 
 def prepare_output_dir(out: Path, r: Resolved) -> None:
     finished = (out / "run.json").is_file()
     interrupted = (out / "checkpoints").is_dir() and not finished
-    base = getattr(r.task, "original", "") or getattr(r.task, "model", "")
+    base = r.task.base_model()
     for folder in (Path(base).expanduser(), ZOO_DIR / base) if base else ():
         if folder.is_dir() and (out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents):
             raise EraseError(f"--output-dir {out} is inside the base model's folder {folder}; "
@@ -52,13 +61,32 @@ def prepare_output_dir(out: Path, r: Resolved) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def run(r: Resolved) -> Path:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
+def run(r: Resolved) -> RunResult:
+    """Run ``r`` end to end; return the output folder and the metrics it wrote."""
     out = Path(r.run.output_dir) if r.run.output_dir else default_output_dir(r)
     r.run.output_dir = str(out)
     prepare_output_dir(out, r)
+    accelerator = _accelerator(r, out)
+    task = task_registry()[r.task_name][1](r.task, seed=r.run.seed, device=accelerator.device)
+    method = r.method_cls(r.method)
+    method.check_task(task)
+    model = task.build_model(from_scratch=method.from_scratch).to(accelerator.device)
+    if accelerator.is_main_process:
+        task.before_training(model, out)  # e.g. the base model's images for the before/after grid
+    ctx = RunContext(accelerator=accelerator, model=model, task=task, views=task.views, output_dir=out,
+                     seed=r.run.seed, grad_accum=r.run.grad_accum)
+    settings = LoopSettings(checkpoint_every=r.run.checkpoint_every, keep_checkpoints=r.run.keep_checkpoints,
+                            log_every=r.run.log_every, resume=r.run.resume, progress=r.run.progress)
+    result = run_method(method, ctx, settings)
+    accelerator.wait_for_everyone()
+    metrics, info = {}, {}
+    if accelerator.is_main_process:
+        metrics, info = _finish(r, task, method, accelerator.unwrap_model(ctx.model), result, accelerator, out)
+    accelerator.end_training()
+    return RunResult(out, metrics, info)
+
+
+def _accelerator(r: Resolved, out: Path):
     accelerator = Accelerator(
         cpu=not _has_accelerator(),  # accelerate only sets up multi-process CPU (gloo) runs when told cpu=True
         gradient_accumulation_steps=r.run.grad_accum,
@@ -73,37 +101,24 @@ def run(r: Resolved) -> Path:
     if r.run.report_to != "none":
         accelerator.init_trackers("erase", config=_flat(r.to_dict()))
     set_seed(r.run.seed)
+    return accelerator
 
-    task_cls = task_registry()[r.task_name][1]
-    task = task_cls(r.task, seed=r.run.seed, device=accelerator.device)
-    method = r.method_cls(r.method)
-    method.check_task(task)
-    model = task.build_model(from_scratch=method.from_scratch).to(accelerator.device)
-    if hasattr(task, "before_training") and accelerator.is_main_process:
-        task.before_training(model, out)  # e.g. the base model's images for the before/after grid
-    ctx = RunContext(accelerator=accelerator, model=model, task=task, views=task.views, output_dir=out,
-                     seed=r.run.seed, grad_accum=r.run.grad_accum)
-    settings = LoopSettings(checkpoint_every=r.run.checkpoint_every, keep_checkpoints=r.run.keep_checkpoints,
-                            log_every=r.run.log_every, resume=r.run.resume, progress=r.run.progress)
-    result = run_method(method, ctx, settings)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = accelerator.unwrap_model(ctx.model)
-        task.save_model(final, out)
-        t_eval = time.perf_counter()
-        metrics = task.evaluate(final, accelerator.device)
-        metrics["eval_s"] = round(time.perf_counter() - t_eval, 2)
-        metrics["method"] = method.name
-        atomic_write_json(metrics, out / "metrics.json")
-        info = {"method": method.name, "task": r.task_name, **{k: round(v, 3) if isinstance(v, float) else v
-                                                                for k, v in result.items()},
-                "machine": machine_description(accelerator), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        atomic_write_text(run_report(r, metrics, info), out / "report.md")
-        if hasattr(task, "write_artifacts"):
-            task.write_artifacts(out, r.to_dict(), metrics, info)
-        atomic_write_json(info, out / "run.json")  # written last: marks the run finished
-    accelerator.end_training()
-    return out
+
+def _finish(r: Resolved, task, method, model, result: dict, accelerator, out: Path) -> tuple[dict, dict]:
+    """Save the model, evaluate it and write the reports; run.json last, as the mark of a finished run."""
+    task.save_model(model, out)
+    t_eval = time.perf_counter()
+    metrics = task.evaluate(model, accelerator.device)
+    metrics["eval_s"] = round(time.perf_counter() - t_eval, 2)
+    metrics["method"] = method.name
+    atomic_write_json(metrics, out / "metrics.json")
+    info = {"method": method.name, "task": r.task_name,
+            **{k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()},
+            "machine": machine_description(accelerator), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_text(run_report(r, metrics, info), out / "report.md")
+    task.write_artifacts(out, r.to_dict(), metrics, info)
+    atomic_write_json(info, out / "run.json")
+    return metrics, info
 
 
 def _has_accelerator() -> bool:

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     if ns.list_methods:
         print("\n".join(list_methods(resolved.task_name)))
         return 0
-    out = run(resolved)
+    out = run(resolved).output_dir
     from accelerate.state import PartialState
 
     if PartialState().is_main_process:

@@ -52,13 +52,12 @@ class ToyTask:
         retain = torch.tensor([i for i in range(n) if i % 8])
         self.views = {"forget": DataView(data, forget), "retain": DataView(data, retain)}
         self.eval_views = dict(self.views)
-        self.cfg = type("Cfg", (), {"eval_batch_size": 32})()
+        self.eval_batch_size = 32
 
     def iterate(self, name, augment=False):
-        return self.eval_views[name].batches(32)
+        return self.eval_views[name].batches(self.eval_batch_size)
 
-    @staticmethod
-    def logits(model, batch):
+    def logits(self, model, batch):
         return model(batch["image"])
 
     def loss(self, model, batch, label_smoothing=0.0):

@@ -180,8 +180,7 @@ def run_once(out: Path, method: str, task_layer: dict, method_layer: dict, seed:
     t0, load0 = time.perf_counter(), loadavg()
     try:
         resolved = resolve(*(dict(x) for x in layers))
-        run(resolved)
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = run(resolved).metrics
         if not _finite_metrics(metrics):
             raise FloatingPointError(f"non-finite metrics: { {k: metrics.get(k) for k in METRIC_KEYS} }")
     except Exception as err:  # noqa: BLE001 - any failure of one run is recorded, the benchmark goes on

@@ -1,8 +1,7 @@
 """The classifier task adapter: data views, model loading, losses and metrics for unlearning.
 
-Methods talk to a task through a small vocabulary — ``views`` (named data streams), ``loss``,
-``logits``, ``relabel``, ``evaluate`` — so the same method file runs on a classifier and on a
-diffusion model.
+It implements the Task contract (erase/engine/task.py) with the classification extension
+(``logits``, ``num_classes``), so the same method file runs on a classifier and on a diffusion model.
 """
 
 from __future__ import annotations
@@ -16,12 +15,13 @@ from torch.nn import functional as F
 from erase.classifier.data import DATASET_STATS, load_dataset, parse_forget_spec
 from erase.classifier.models import ResNet18, ResNetConfig, build_model, load_classifier, save_classifier
 from erase.engine.streams import DataView, move_to
+from erase.engine.task import ClassificationTask, TaskConfig
 from erase.errors import EraseError
 from erase.fields import opt
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(TaskConfig):
     dataset: str = opt("fashion-mnist", "dataset: fashion-mnist, cifar10, cifar100 or face-age")
     data_root: str = opt("", "folder holding the dataset (default: Debian's Fashion-MNIST path, or ./data)")
     download: bool = opt(False, "download the dataset with torchvision if it is missing")
@@ -36,12 +36,19 @@ class ClassifierConfig:
     limit_train: int = opt(0, "if > 0, use only the first N training images (quick runs and tests)")
     limit_test: int = opt(0, "if > 0, use only the first N test images")
 
+    def label(self) -> str:
+        return self.forget or "run"
 
-class ClassifierTask:
+    def base_model(self) -> str:
+        return self.original
+
+
+class ClassifierTask(ClassificationTask):
     name = "classifier"
 
     def __init__(self, cfg: ClassifierConfig, seed: int = 0, device=None):
         self.cfg = cfg
+        self.eval_batch_size = cfg.eval_batch_size
         kw = {"pad_to": cfg.pad_to or None}
         self.train_set = load_dataset(cfg.dataset, True, cfg.data_root or None, cfg.download, **kw)
         self.test_set = load_dataset(cfg.dataset, False, cfg.data_root or None, cfg.download, **kw)
@@ -114,8 +121,7 @@ class ClassifierTask:
         save_classifier(model, directory)
 
     # -- the method vocabulary --------------------------------------------------------------------
-    @staticmethod
-    def logits(model, batch: dict) -> torch.Tensor:
+    def logits(self, model, batch: dict) -> torch.Tensor:
         return model(batch["image"])
 
     def loss(self, model, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -131,7 +137,7 @@ class ClassifierTask:
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, model, view: DataView, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def probabilities(self, model, view: DataView, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(softmax probabilities, labels) over a view, in order."""
         was = model.training
         model.eval()
@@ -151,7 +157,7 @@ class ClassifierTask:
             g = torch.Generator().manual_seed(self.seed)
             pick = torch.randperm(len(views["retain"]), generator=g)[: self.cfg.eval_max_retain]
             views["retain"] = DataView(self.train_set, self.split.retain[pick.sort().values])
-        preds = {name: self.predict(model, v, device) for name, v in views.items()}
+        preds = {name: self.probabilities(model, v, device) for name, v in views.items()}
         metrics = unlearning_metrics(preds, seed=self.seed)
         metrics["settings"] = {
             "dataset": self.cfg.dataset, "forget": self.split.spec,

@@ -5,6 +5,7 @@
 the model's own (stop-gradient) prediction under the other concept's prompt, as in SalUn's
 generation code; for a class-conditional DDPM the class label is replaced by another class. So
 ``ga``, ``rl``, ``ft`` and ``salun`` run unchanged on a classifier and on a diffusion model.
+It implements the Task contract with the denoising extension (erase/engine/task.py).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from erase.diffusion.attention import AttentionStore, token_positions
 from erase.diffusion.concepts import ConceptSet, make_concepts
 from erase.diffusion.data import LatentSet, cached, generate, read_images
 from erase.diffusion.loading import DiffusionBase, load_base
-from erase.diffusion.outputs import DiffusionOutputs
+from erase.diffusion.outputs import RunOutputs, save_erased
 from erase.diffusion.sampling import decode_sd, encode_sd, sample_ddpm, sample_sd
 from erase.engine.streams import DataView
+from erase.engine.task import DenoisingTask, TaskConfig
 from erase.errors import EraseError
 from erase.fields import opt
 
@@ -30,7 +33,7 @@ FMNIST_MODELS = ("fmnist-tiny-sd", "fmnist-ddpm")
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(TaskConfig):
     model: str = opt("fmnist-tiny-sd", "base model: a bundled name (fmnist-tiny-sd, fmnist-ddpm), a diffusers folder, "
                      "a .safetensors/.ckpt file or a hub id (the only case that uses the network)")
     original_config: str = opt("", "for a single .ckpt/.safetensors file offline: the model's original inference YAML")
@@ -59,8 +62,14 @@ class DiffusionConfig:
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet (SD scale)")
     batch_size_gen: int = opt(32, "images per batch when generating")
 
+    def label(self) -> str:
+        return self.concept or "run"
 
-class DiffusionTask(DiffusionOutputs):
+    def base_model(self) -> str:
+        return self.model
+
+
+class DiffusionTask(DenoisingTask):
     name = "diffusion"
 
     def __init__(self, cfg: DiffusionConfig, seed: int = 0, device: str | torch.device = "cpu"):
@@ -68,9 +77,12 @@ class DiffusionTask(DiffusionOutputs):
         self.device = torch.device(device)
         if cfg.save_format == "lora" and cfg.lora_rank == 0:
             cfg.lora_rank = 4
-        self.lora = cfg.lora_rank > 0
+        self.lora = self.trains_adapters = cfg.lora_rank > 0
         self.base: DiffusionBase = load_base(cfg.model, self.device, cfg.original_config)
         self.kind = self.base.kind
+        self.has_cross_attention = self.kind == "sd"
+        self.outputs: RunOutputs | None = None
+        self._base_state: dict | None = None
         self.fmnist = Path(cfg.model).name in FMNIST_MODELS or cfg.model in FMNIST_MODELS
         self.concepts: ConceptSet = make_concepts(cfg.concept, cfg.retain_concepts, cfg.paraphrases, self.fmnist,
                                                   self._ddpm_class_names() if self.kind == "ddpm" else None)
@@ -225,8 +237,10 @@ class DiffusionTask(DiffusionOutputs):
         return LatentSet(torch.cat([s.latents for s in sets]), torch.cat([s.prompt for s in sets]),
                          torch.cat([s.label for s in sets]))
 
-    def iterate(self, name: str, augment: bool = False, batch_size: int = 16):
-        return self.eval_views[name].batches(batch_size)
+    eval_batch_size = 16
+
+    def iterate(self, name: str, augment: bool = False):
+        return self.eval_views[name].batches(self.eval_batch_size)
 
     # -- the method vocabulary ---------------------------------------------------------------------
     def build_model(self, from_scratch: bool):
@@ -300,6 +314,36 @@ class DiffusionTask(DiffusionOutputs):
         if self.kind == "ddpm":
             return ((x.float() + 1) / 2).clamp(0, 1)
         return decode_sd(self.base.pipe, x)
+
+    # -- attention, for methods that re-steer it (fmn) ---------------------------------------------------
+    def concept_token_mask(self) -> torch.Tensor:
+        """Bool (prompts, tokens): the concept's token run in each forget prompt (rows of other prompts are False)."""
+        tok = self.base.pipe.tokenizer
+        mask = torch.zeros(len(self.prompts), tok.model_max_length, dtype=torch.bool)
+        for i, prompt in enumerate(self.forget_prompts):
+            pos = token_positions(tok, prompt, self.concepts.concept)
+            if not pos:
+                raise EraseError(f"the concept {self.concepts.concept!r} is not a token run of the prompt {prompt!r}")
+            mask[i, pos] = True
+        return mask
+
+    def record_attention(self, model) -> AttentionStore:
+        return AttentionStore().install(model)
+
+    # -- what the runner calls -------------------------------------------------------------------------
+    def before_training(self, model, out: Path) -> None:
+        self.outputs = RunOutputs(self, model)
+
+    def save_model(self, model, out: Path) -> None:
+        save_erased(self, model, out, self._base_state)
+
+    def evaluate(self, model, device=None) -> dict:
+        if self.outputs is None:
+            raise RuntimeError("evaluate() needs before_training() first: the base images are the reference")
+        return self.outputs.evaluate(model)
+
+    def write_artifacts(self, out: Path, resolved: dict, metrics: dict, info: dict) -> None:
+        self.outputs.write(out, resolved, metrics, info)
 
     def describe(self) -> dict:
         return {"task": self.name, **asdict(self.cfg), "kind": self.kind, "guidance_used": self.guidance}

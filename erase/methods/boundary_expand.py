@@ -61,7 +61,7 @@ class BoundaryExpand(Method):
     def setup(self, ctx):
         model = ctx.unwrapped
         name, head = classifier_head(model)
-        classes = getattr(ctx.task, "num_classes", head.out_features)
+        classes = ctx.task.num_classes
         if head.out_features != classes:
             raise EraseError(f"boundary_expand: the last nn.Linear ({name}) has {head.out_features} outputs, "
                              f"but the task has {classes} classes")

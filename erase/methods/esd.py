@@ -56,11 +56,11 @@ class _ESD(Method):
     train_cross_attention: bool = True
 
     def check_task(self, task):
-        if task.kind == "ddpm" and self.train_cross_attention:
+        if not task.has_cross_attention and self.train_cross_attention:
             raise EraseError("esd-x trains cross-attention, which a class-conditional DDPM does not have; use esd-u")
 
     def setup(self, ctx):
-        if getattr(ctx.task, "lora", False):
+        if ctx.task.trains_adapters:
             self.teacher = None  # LoRA: the teacher is the same UNet with its adapters switched off
             return
         dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}

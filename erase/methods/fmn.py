@@ -38,22 +38,12 @@ class ForgetMeNot(Method):
     default_weights = {"attention": 1.0}
 
     def check_task(self, task):
-        if task.kind != "sd":
+        if not task.has_cross_attention:
             raise EraseError("fmn re-steers text cross-attention; it needs a text-to-image model, not a DDPM")
 
     def setup(self, ctx):
-        from erase.diffusion.attention import AttentionStore, token_positions
-
-        task = ctx.task
-        tok = task.base.pipe.tokenizer
-        mask = torch.zeros(len(task.prompts), tok.model_max_length, dtype=torch.bool)
-        for i, prompt in enumerate(task.forget_prompts):
-            pos = token_positions(tok, prompt, task.concepts.concept)
-            if not pos:
-                raise EraseError(f"the concept {task.concepts.concept!r} is not a token run of the prompt {prompt!r}")
-            mask[i, pos] = True
-        self.token_mask = mask.to(ctx.device)
-        self.store = AttentionStore().install(ctx.unwrapped)
+        self.token_mask = ctx.task.concept_token_mask().to(ctx.device)
+        self.store = ctx.task.record_attention(ctx.unwrapped)
 
     def parameter_masks(self, ctx):
         return {n: torch.full_like(p, is_cross_attention(n), dtype=torch.bool) for n, p in ctx.model.named_parameters()}

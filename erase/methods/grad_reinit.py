@@ -93,7 +93,7 @@ class GradReinit(Method):
         acc = {n: torch.zeros_like(p) for n, p in names.items()}
         was = model.training
         model.eval()
-        bs = getattr(getattr(task, "cfg", None), "eval_batch_size", 256)
+        bs = task.eval_batch_size
         try:
             for sign, view, positions in ((1.0, retain, subset), (-1.0, forget, torch.arange(len(forget)))):
                 with torch.random.fork_rng(devices=[]):

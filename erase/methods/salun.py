@@ -30,7 +30,7 @@ class SalUn(RandomLabel):
     Config = SalUnConfig
 
     def check_task(self, task):
-        if getattr(task, "lora", False):
+        if task.trains_adapters:
             from erase.errors import EraseError
 
             raise EraseError("salun's saliency mask is defined on the model's own weights; train full weights "

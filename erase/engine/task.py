@@ -1,0 +1,126 @@
+"""The Task contract: what a task adapter gives methods and the runner, so neither probes with getattr.
+
+A task adapts one kind of model (a classifier, a denoiser) to one vocabulary:
+
+- **methods call** ``views`` (training streams by name), ``loss(model, batch)``, ``relabel(batch)``
+  and ``iterate(name)`` (every example of a view once, in order, at the task's evaluation batch size);
+- **the runner calls** ``build_model``, then ``before_training`` (optional), ``save_model``,
+  ``evaluate`` and ``write_artifacts`` (optional) after training.
+
+Two extensions add what only some methods need: :class:`ClassificationTask` (logits, classes) and
+:class:`DenoisingTask` (noise prediction under a condition, conditions, partial sampling, base
+weights, attention recording). A method that needs an extension says so in ``check_task``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from erase.engine.streams import DataView
+
+
+class TaskConfig:
+    """What the runner reads from a task's config before the task exists."""
+
+    def label(self) -> str:
+        """A short name of what is being erased, for the default output folder."""
+        return "run"
+
+    def base_model(self) -> str:
+        """The base model's name or folder ('' if none): erase never writes into it."""
+        return ""
+
+    def validate(self) -> None:
+        """Reject out-of-range values before any data or model loads."""
+
+
+class Task(ABC):
+    name: ClassVar[str] = ""
+    views: dict[str, DataView]
+    # True when the model trains adapters (LoRA) rather than its own weights.
+    trains_adapters: bool = False
+
+    # -- what methods call -------------------------------------------------------------------------
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict, **kwargs) -> torch.Tensor:
+        """The task's training loss on a batch (cross-entropy, denoising MSE)."""
+
+    @abstractmethod
+    def relabel(self, batch: dict) -> dict:
+        """The batch pointed at another target (random labels, another concept)."""
+
+    @abstractmethod
+    def iterate(self, name: str, augment: bool = False) -> Iterator[dict]:
+        """Every example of the named view once, in order, in evaluation-sized batches."""
+
+    # -- what the runner calls ---------------------------------------------------------------------
+    @abstractmethod
+    def build_model(self, from_scratch: bool) -> nn.Module:
+        """The model to edit (the base model, or a fresh one for methods that retrain)."""
+
+    def before_training(self, model: nn.Module, out: Path) -> None:  # noqa: B027 - optional hook
+        """Work on the base weights before any change (e.g. the 'before' images); optional."""
+
+    @abstractmethod
+    def save_model(self, model: nn.Module, out: Path) -> None:
+        """Write the edited model under ``out``."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, device: torch.device | str) -> dict:
+        """The task's metrics of the edited model."""
+
+    def write_artifacts(self, out: Path, resolved: dict, metrics: dict, info: dict) -> None:  # noqa: B027 - optional hook
+        """Anything else a run leaves behind (grid, model card); optional."""
+
+
+class ClassificationTask(Task):
+    """A task whose model maps a batch to class logits."""
+
+    num_classes: int
+
+    @abstractmethod
+    def logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """Class logits of a batch."""
+
+
+class DenoisingTask(Task):
+    """A task whose model predicts noise (or velocity) under a condition: the diffusion methods' vocabulary."""
+
+    # Whether the model reads text through cross-attention (Stable Diffusion) or a class label (DDPM).
+    has_cross_attention: bool = False
+
+    @abstractmethod
+    def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The model's output at noisy input ``x_t``, timestep ``t`` under condition ``cond``."""
+
+    @abstractmethod
+    def null_condition(self, n: int, device) -> torch.Tensor:
+        """The unconditional condition (empty prompt, null class), ``n`` times."""
+
+    @abstractmethod
+    def concept_condition(self, n: int, device) -> torch.Tensor:
+        """The erased concept's condition, ``n`` times."""
+
+    @abstractmethod
+    def partial_sample(self, model: nn.Module, n: int, stop_after: int, steps: int, guidance: float,
+                       seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, t) after ``stop_after`` of ``steps`` guided denoising steps under the concept."""
+
+    @abstractmethod
+    def base_weights(self, model: nn.Module) -> AbstractContextManager[nn.Module]:
+        """A context in which ``model`` predicts with the base weights (adapters off)."""
+
+    def concept_token_mask(self) -> torch.Tensor:
+        """Bool (prompts, tokens): which text tokens of each forget prompt name the concept."""
+        raise TypeError(f"task {self.name!r} has no text prompts")
+
+    def record_attention(self, model: nn.Module) -> Any:
+        """Install an attention store on the model's cross-attention; see erase.diffusion.attention."""
+        raise TypeError(f"task {self.name!r} has no cross-attention to record")
