@@ -41,6 +41,8 @@ class ToyTask:
     """A 4-class problem on 16-d inputs with the classifier task's vocabulary."""
 
     name = "classifier"
+    eval_batch_size = 32
+    trains_adapters = False
 
     def __init__(self, n=96, seed=0, num_classes=4):
         g = torch.Generator().manual_seed(seed)
@@ -52,7 +54,6 @@ class ToyTask:
         retain = torch.tensor([i for i in range(n) if i % 8])
         self.views = {"forget": DataView(data, forget), "retain": DataView(data, retain)}
         self.eval_views = dict(self.views)
-        self.eval_batch_size = 32
 
     def iterate(self, name, augment=False):
         return self.eval_views[name].batches(self.eval_batch_size)

@@ -35,7 +35,6 @@ class ImageTask(ToyTask):
         retain = torch.tensor([i for i in range(n) if i % 4])
         self.views = {"forget": DataView(data, forget), "retain": DataView(data, retain)}
         self.eval_views = dict(self.views)
-        self.cfg = type("Cfg", (), {"eval_batch_size": 32})()
 
 
 def tiny_resnet(seed=0):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -21,9 +22,15 @@ class PlainCE(Method):
     streams = ("retain",)
     default_weights = {"ce": 1.0}
 
-    def __init__(self, config, masks=None, fail_at=None, nan_at=None):
+    def __init__(self, config, masks=None, fail_at=None, nan_at=None, blow_up_at=None):
         super().__init__(config)
-        self.masks, self.fail_at, self.nan_at = masks, fail_at, nan_at
+        self.masks, self.fail_at, self.nan_at, self.blow_up_at = masks, fail_at, nan_at, blow_up_at
+
+    def after_step(self, ctx):
+        if ctx.global_step == self.blow_up_at:  # finite but diverged weights: the next loss is inf/NaN
+            with torch.no_grad():
+                for p in ctx.model.parameters():
+                    p.mul_(1e31)
 
     def parameter_masks(self, ctx):
         return self.masks
@@ -108,6 +115,43 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     cfg = MethodConfig(batch_size=16, max_steps=8, lr=0.05)
     with pytest.raises(NonFiniteLossError, match="step-000004"):
         _run(tmp_path, cfg, nan_at=5, settings={"checkpoint_every": 2})
+
+
+def test_nan_guard_names_the_logged_step_and_sets_a_diverged_checkpoint_aside(tmp_path):
+    cfg = MethodConfig(batch_size=16, max_steps=8, lr=0.05)
+    # Step 4 (global index 3) leaves weights of ~1e31: finite, so its checkpoint is written, but step 5's loss is not.
+    with pytest.raises(NonFiniteLossError) as err:
+        _run(tmp_path, cfg, blow_up_at=3, settings={"checkpoint_every": 1, "log_every": 1, "keep_checkpoints": 1})
+    msg = str(err.value)
+    assert "at step 5 " in msg and "last good checkpoint: " in msg and msg.rstrip(".").count("step-000003") >= 1
+    assert "--resume" in msg
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "step-000003").is_dir() and (ckpts / "step-000004.nonfinite").is_dir()
+    assert not (ckpts / "step-000004").exists()  # --resume picks step 3, not the diverged weights
+    logged = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]  # the step the error names is the first one the log does not have
+
+
+def test_nan_guard_without_a_checkpoint_does_not_advise_resume(tmp_path):
+    cfg = MethodConfig(batch_size=16, max_steps=8, lr=0.05)
+    with pytest.raises(NonFiniteLossError) as err:
+        _run(tmp_path, cfg, nan_at=0)
+    assert "at step 1 " in str(err.value) and "--resume" not in str(err.value) and "untouched" in str(err.value)
+
+
+def test_resumed_run_does_not_repeat_log_lines(tmp_path):
+    cfg = MethodConfig(batch_size=16, max_steps=9, lr=0.05)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, cfg, fail_at=5, settings={"checkpoint_every": 4, "log_every": 1})
+    _run(tmp_path, cfg, settings={"checkpoint_every": 4, "log_every": 1, "resume": True})
+    logged = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 10))
+
+
+def test_resume_on_an_empty_folder_starts_fresh(tmp_path, capsys):
+    cfg = MethodConfig(batch_size=16, max_steps=3, lr=0.05)
+    _, info = _run(tmp_path, cfg, settings={"resume": True})
+    assert info["steps"] == 3 and "starting from step 0" in capsys.readouterr().out
 
 
 def test_checkpoints_are_pruned_and_logged(tmp_path):

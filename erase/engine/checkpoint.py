@@ -32,14 +32,12 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizers: dict, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizers: dict, state: dict) -> Path:
     final = root / f"step-{step:06d}"
     with atomic_dir(final) as tmp:
         save_safetensors(model.state_dict(), tmp / "model.safetensors")
         torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -52,3 +50,55 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizers: dict) -> dic
     for key, opt in optimizers.items():
         opt.load_state_dict(saved[key])
     return json.loads((path / "state.json").read_text())
+
+
+class Checkpointer:
+    """Checkpoints of one run, and which of them is known to be good.
+
+    A checkpoint is *pending* until the next step's loss, computed on its weights, comes out finite
+    (``confirm``); a non-finite loss means its weights had already diverged (``reject_pending`` sets it
+    aside under a name ``--resume`` ignores). Pruning keeps the newest ``keep`` checkpoints and never
+    deletes the last good one. Only the main process touches the disk; every process keeps the state.
+    """
+
+    def __init__(self, root: Path, keep: int, writes: bool = True):
+        self.root, self.keep, self.writes = root, max(keep, 1), writes
+        self.last_good: Path | None = latest_checkpoint(root)
+        self.pending: Path | None = None
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root)
+
+    def load(self, path: Path, model: torch.nn.Module, optimizers: dict) -> dict:
+        self.last_good = path
+        return load_checkpoint(path, model, optimizers)
+
+    def save(self, step: int, model: torch.nn.Module, optimizers: dict, state: dict) -> None:
+        path = self.root / f"step-{step:06d}"
+        if self.writes:
+            save_checkpoint(self.root, step, model, optimizers, state)
+        self.pending = path
+        self._prune()
+
+    def confirm(self) -> None:
+        if self.pending is not None:
+            self.last_good, self.pending = self.pending, None
+            self._prune()
+
+    def reject_pending(self) -> Path | None:
+        if self.pending is None:
+            return None
+        bad = self.pending.with_name(self.pending.name + ".nonfinite")
+        if self.writes:
+            shutil.rmtree(bad, ignore_errors=True)
+            self.pending.rename(bad)
+        self.pending = None
+        return bad
+
+    def _prune(self) -> None:
+        if not self.writes:
+            return
+        dirs = checkpoint_dirs(self.root)
+        for old in dirs[:-self.keep]:
+            if old not in (self.last_good, self.pending):
+                shutil.rmtree(old, ignore_errors=True)
