@@ -22,6 +22,8 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from erase import captions
+from erase.captions import GENERIC_PARAPHRASES, GENERIC_TEMPLATES, IMAGENETTE_CLASSES
 from erase.errors import EraseError
 
 ALIASES = {
@@ -155,10 +157,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> str:
 
 
 def write_prompt_sets(directory: str | Path = PROMPTS_DIR, seeds_per_class: int = 5) -> list[str]:
-    """(Re)write the generated prompt sets; the Fashion-MNIST ones come from erase.zoo.captions."""
-    from erase.diffusion.concepts import GENERIC_PARAPHRASES, GENERIC_TEMPLATES, IMAGENETTE_CLASSES
-    from erase.zoo import captions
-
+    """(Re)write the generated prompt sets; the Fashion-MNIST ones come from erase.captions."""
     d = Path(directory)
     files = [_write_csv(d / "imagenette.csv", ["case_number", "prompt", "evaluation_seed", "class"],
                         [[i * seeds_per_class + k, f"Image of {c}", IMAGENETTE_SEED + i * seeds_per_class + k, c]

@@ -13,7 +13,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from erase.errors import EraseError
@@ -139,3 +141,10 @@ def list_bundled_models() -> list[str]:
 def torch_load_safe(path: str | Path, map_location="cpu"):
     """``torch.load`` restricted to tensors and plain containers (never arbitrary pickles)."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_png(path: Path) -> torch.Tensor:
+    """A PNG as float RGB in [0, 1], (3, H, W)."""
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255

@@ -58,7 +58,7 @@ def _judge(world):
 
 
 def test_generate_writes_images_index_grids_and_resumes(world, tmp_path, capsys):
-    from erase.diffusion.generation import load_png
+    from erase.storage import load_png
 
     out = tmp_path / "gen"
     args = ["--base", str(world["sd"]), "--erased", str(world["run"] / "delta.safetensors"), "--prompts",

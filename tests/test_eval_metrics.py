@@ -283,7 +283,7 @@ def test_erase_classifier_judge_knows_fmnist_synonyms(tmp_path):
 def test_imagenet_judge_maps_imagenette_to_imagenet_indices_and_needs_local_weights(tmp_path, monkeypatch):
     from torchvision.models import get_model
 
-    from erase.diffusion.concepts import IMAGENETTE_CLASSES
+    from erase.captions import IMAGENETTE_CLASSES
     from erase.metrics.concept import build_judge, imagenet_judge
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
+from erase import captions
 from erase.storage import ZOO_DIR
-from erase.zoo import captions
 from erase.zoo.tokenizer import build_tokenizer, clean_text
 
 SAMPLES = [

@@ -115,3 +115,19 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     model = build_model(config)
     load_state_dict_strict(model, directory / "model.safetensors", map_location=map_location)
     return model
+
+
+@torch.no_grad()
+def classify(evaluator, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Evaluator class ids for images in [0, 1] (any channel count or size; adapted to the evaluator)."""
+    cfg = evaluator.config
+    device = next(evaluator.parameters()).device
+    preds = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device).float()
+        if x.shape[1] != cfg.in_channels:
+            x = x.mean(1, keepdim=True).expand(-1, cfg.in_channels, -1, -1)
+        if x.shape[-1] != cfg.image_size:
+            x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True, align_corners=False)
+        preds.append(evaluator(x).argmax(1).cpu())
+    return torch.cat(preds)

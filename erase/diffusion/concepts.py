@@ -2,7 +2,7 @@
 
 For the bundled Fashion-MNIST models the concept is a class (``trouser``, or a synonym such as
 ``pants``), retain concepts default to the nine other classes, and the held-out paraphrases come
-from ``erase.zoo.captions``. For any other Stable Diffusion model the concept is free text and the
+from ``erase.captions``. For any other Stable Diffusion model the concept is free text and the
 retain concepts default to the Imagenette classes (as ESD/SalUn evaluate "garbage truck").
 """
 
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from erase import captions
+from erase.captions import GENERIC_PARAPHRASES, GENERIC_TEMPLATES, IMAGENETTE_CLASSES
+from erase.classifier.data import FASHION_MNIST_CLASSES
 from erase.errors import EraseError
-
-IMAGENETTE_CLASSES = ["tench", "English springer", "cassette player", "chain saw", "church", "French horn",
-                      "garbage truck", "gas pump", "golf ball", "parachute"]
-GENERIC_TEMPLATES = ["a photo of a {c}", "an image of a {c}", "a picture of a {c}", "a photo of the {c}"]
-GENERIC_PARAPHRASES = ["a painting of a {c}", "a close-up photo of a {c}", "a {c} in the street"]
 
 
 @dataclass
@@ -33,16 +31,11 @@ class ConceptSet:
 
 def fill(template: str, name: str) -> str:
     if "{a}" in template:
-        from erase.zoo.captions import fill as zoo_fill
-
-        return zoo_fill(template, name)
+        return captions.fill(template, name)
     return template.format(c=name)
 
 
 def fmnist_concepts(concept: str, retain: list[str]) -> ConceptSet:
-    from erase.classifier.data import FASHION_MNIST_CLASSES
-    from erase.zoo import captions
-
     def canonical(word: str) -> str:
         w = word.strip().lower()
         if w.isdigit() and int(w) < len(FASHION_MNIST_CLASSES):

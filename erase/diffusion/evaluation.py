@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 from tqdm.auto import tqdm
+
+from erase.classifier.models import classify
 
 EVAL_SEED = 10_000
 
@@ -58,22 +59,6 @@ def generate_groups(task, unet, groups: list[Group]) -> list[torch.Tensor]:
         out.append(task.to_images(x).cpu())
     unet.train(was)
     return out
-
-
-@torch.no_grad()
-def classify(evaluator, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Evaluator class ids for images in [0, 1] (any channel count or size; adapted to the evaluator)."""
-    cfg = evaluator.config
-    device = next(evaluator.parameters()).device
-    preds = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device).float()
-        if x.shape[1] != cfg.in_channels:
-            x = x.mean(1, keepdim=True).expand(-1, cfg.in_channels, -1, -1)
-        if x.shape[-1] != cfg.image_size:
-            x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True, align_corners=False)
-        preds.append(evaluator(x).argmax(1).cpu())
-    return torch.cat(preds)
 
 
 def accuracy_metrics(task, groups: list[Group], images: list[torch.Tensor], evaluator) -> dict:

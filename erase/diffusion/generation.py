@@ -27,6 +27,7 @@ import torch
 
 from erase.errors import EraseError
 from erase.prompts import PromptRow
+from erase.storage import load_png
 
 INDEX_COLUMNS = ["file", "model", "case_number", "k", "prompt", "seed", "guidance", "negative_prompt", "concept"]
 FMNIST_NAMES = ("fmnist-tiny-sd", "fmnist-ddpm")
@@ -167,16 +168,6 @@ def save_png(img: torch.Tensor, path: Path) -> None:
     arr = arr.expand(3, -1, -1) if arr.shape[0] == 1 else arr
     with atomic_path(path) as tmp:
         Image.fromarray(arr.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-
-
-def load_png(path: Path) -> torch.Tensor:
-    """A PNG as float RGB in [0, 1], (3, H, W)."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
 
 
 def write_index(out: Path, jobs: list[Job]) -> Path:

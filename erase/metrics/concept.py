@@ -75,8 +75,7 @@ def _sha(path: Path) -> str:
 def erase_classifier_judge(spec: str, device="cpu") -> Judge:
     from importlib.metadata import version
 
-    from erase.classifier.models import load_classifier
-    from erase.diffusion.evaluation import classify
+    from erase.classifier.models import classify, load_classifier
     from erase.storage import resolve_model_dir
 
     folder = resolve_model_dir(spec, kind="classifier")
@@ -84,7 +83,7 @@ def erase_classifier_judge(spec: str, device="cpu") -> Judge:
     cfg = clf.config
     aliases = {}
     if Path(spec).name == "fmnist-classifier" or cfg.class_names[:2] == ["t-shirt", "trouser"]:
-        from erase.zoo.captions import CLASS_NAMES
+        from erase.captions import CLASS_NAMES
 
         aliases = {s: name for name, syn in CLASS_NAMES.items() for s in syn}
     info = {"name": f"{spec} ({cfg.arch}, width {cfg.width}, {cfg.num_classes} classes)",
@@ -184,7 +183,7 @@ def build_judge(spec: str, concepts: list[str], weights: str | None = None, clip
         return erase_classifier_judge(spec, device)
     if not concepts:
         return None
-    from erase.zoo.captions import CLASS_NAMES
+    from erase.captions import CLASS_NAMES
 
     fmnist = {s for syn in CLASS_NAMES.values() for s in syn}
     if all(c.lower() in fmnist for c in concepts):

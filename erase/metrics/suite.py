@@ -68,7 +68,7 @@ def read_image_set(folder: str | Path, label: str = "") -> list[ImageRecord]:
 
 
 def _batches(recs: list[ImageRecord], size: int):
-    from erase.diffusion.generation import load_png
+    from erase.storage import load_png
 
     for i in range(0, len(recs), size):
         chunk = recs[i:i + size]
@@ -129,8 +129,8 @@ def evaluate_images(recs: list[ImageRecord], settings: SuiteSettings, device="cp
 
 
 def _fid(by_model, s: SuiteSettings, device, clip_bundle, result):
+    from erase.captions import CLASS_NAMES
     from erase.metrics.fid import build_fid, fit_reference
-    from erase.zoo.captions import CLASS_NAMES
 
     names = {n for syn in CLASS_NAMES.values() for n in syn}
     concepts = {r.concept.lower() for recs in by_model.values() for r in recs if r.concept}

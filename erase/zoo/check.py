@@ -10,7 +10,7 @@ and mean conditional accuracy and FID-fmnist: the Frechet distance between the e
 penultimate features of the generated images and of the Fashion-MNIST test set (torchmetrics
 ``FrechetInceptionDistance`` with the evaluator as its feature network). It is not an Inception
 FID and is never reported as one. For the SD it also reports accuracy on held-out paraphrases
-(:mod:`erase.zoo.captions`) and the evaluator's accuracy on VAE reconstructions.
+(:mod:`erase.captions`) and the evaluator's accuracy on VAE reconstructions.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import argparse
 import time
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
+from erase import captions
 from erase.classifier.data import FASHION_MNIST_CLASSES, load_fashion_mnist
-from erase.classifier.models import load_classifier
+from erase.classifier.models import classify, load_classifier
 from erase.metrics.fid import EvaluatorFeatures, fid_metric, fit_reference  # noqa: F401  (one FID implementation)
 from erase.storage import atomic_write_json, atomic_write_text, resolve_model_dir
-from erase.zoo import captions
 from erase.zoo.cards import model_kind
 from erase.zoo.common import machine, to_gray01, write_record
 from erase.zoo.sampling import load_ddpm, load_tiny_sd, sample_ddpm, sample_sd
@@ -34,14 +33,6 @@ from erase.zoo.sampling import load_ddpm, load_tiny_sd, sample_ddpm, sample_sd
 # Documented sampling settings of the check (also written into results and model cards).
 SD_SETTINGS = {"scheduler": "DDIM", "steps": 25, "guidance": 4.0}
 DDPM_SETTINGS = {"scheduler": "DDPM (ancestral)", "steps": 50, "guidance": 2.0}
-
-
-@torch.no_grad()
-def classify(classifier: nn.Module, images01: torch.Tensor) -> torch.Tensor:
-    x = images01.float()
-    if x.shape[1] == 3:
-        x = x.mean(dim=1, keepdim=True)
-    return classifier(x).argmax(1)
 
 
 def _summary(per_class: dict[str, float]) -> dict:

@@ -6,7 +6,7 @@ One command reproduces it from scratch: without ``--vae`` it first trains the VA
 (:mod:`erase.zoo.train_vae`) into the work folder. Then the training latents are encoded once,
 and a small ``CLIPTextModel`` (hidden 64, 2 layers) and a ``UNet2DConditionModel`` (64, 128)
 with cross-attention in every block are trained jointly on captions from
-:mod:`erase.zoo.captions` (10 % empty), epsilon prediction on SD's own noise schedule, AdamW 1e-3,
+:mod:`erase.captions` (10 % empty), epsilon prediction on SD's own noise schedule, AdamW 1e-3,
 EMA of both. The result is a plain ``StableDiffusionPipeline`` folder (fp16 safetensors, DDIM
 scheduler, no safety checker) that ``StableDiffusionPipeline.from_pretrained`` loads offline.
 """
@@ -28,9 +28,10 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from erase import captions
 from erase.classifier.data import load_fashion_mnist
 from erase.storage import save_safetensors
-from erase.zoo import captions, loop
+from erase.zoo import loop
 from erase.zoo.common import machine, prefer_float32, setup, strip_local_paths, to_sd_pixels, write_record
 from erase.zoo.tokenizer import build_tokenizer, save_tokenizer
 

@@ -1,4 +1,5 @@
-"""Captions for the tiny text-to-image model: Fashion-MNIST class names, synonyms, templates.
+"""Prompt vocabulary: the bundled models' captions (Fashion-MNIST class names, synonyms, templates)
+and the generic templates and Imagenette classes erase prompts any other Stable Diffusion model with.
 
 Why the held-out set holds out *captions*, not *words*. The tiny SD's text encoder is trained
 from scratch on these captions, so a word it never saw keeps its random initial embedding: the
@@ -18,6 +19,11 @@ from __future__ import annotations
 import random
 
 from erase.classifier.data import FASHION_MNIST_CLASSES
+
+IMAGENETTE_CLASSES = ["tench", "English springer", "cassette player", "chain saw", "church", "French horn",
+                      "garbage truck", "gas pump", "golf ball", "parachute"]
+GENERIC_TEMPLATES = ["a photo of a {c}", "an image of a {c}", "a picture of a {c}", "a photo of the {c}"]
+GENERIC_PARAPHRASES = ["a painting of a {c}", "a close-up photo of a {c}", "a {c} in the street"]
 
 # Every name is a noun phrase for one class; the first is the canonical (check) name.
 CLASS_NAMES: dict[str, list[str]] = {
