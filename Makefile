@@ -35,10 +35,12 @@ demo-classifier: setup
 
 test: setup
 	$(PY) -m ruff check erase tests scripts
+	$(VENV)/bin/lint-imports
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check erase tests scripts
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf runs .pytest_cache

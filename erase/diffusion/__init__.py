@@ -1,0 +1,1 @@
+"""The diffusion task: loading pipelines, prompts and concepts, sampling, evaluation and export."""
