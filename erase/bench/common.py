@@ -344,7 +344,7 @@ class ClassifierRuns:
 
 def pyplot():
     """matplotlib's pyplot on the file-only backend (benchmarks run on machines without a display)."""
-    import matplotlib
+    import matplotlib  # here, not at the top: only the figures need it, and --help should stay quick
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
