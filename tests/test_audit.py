@@ -176,3 +176,6 @@ def test_audit_command_tiny(tmp_path):
     ft = data["methods"]["ft"]
     assert ft["n"] == 3 and 0.0 <= ft["forget_quality"] <= 1.0 and len(ft["epsilons"]) == data["n_forget"] == 20
     assert res.with_suffix(".md").is_file() and (res.parent / "audit_eps.png").stat().st_size > 1000
+    assert "| ft |" in res.with_suffix(".md").read_text()
+    assert main([*argv, "--report-only"]) == 0  # everything read back: the same scores
+    assert json.loads(res.with_suffix(".json").read_text())["methods"]["ft"]["score"] == ft["score"]

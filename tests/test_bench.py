@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 
-from erase.bench.classifier import BenchSettings, method_layer, registered_methods, tuned_fields
+from erase.bench.classifier import BenchSettings, budget_rule, method_layer, registered_methods, tuned_fields
 from erase.errors import EraseError
+from erase.methods import get_method
 from tests.conftest import needs_fmnist
 
 
@@ -17,12 +19,48 @@ def test_budget_rule_scales_epochs_and_tunes_learning_rates():
     assert method_layer("ft", s, 3.0)["lr"] == 0.5  # explicit overrides win
     names = registered_methods(BenchSettings())
     assert "retrain" not in names and {"ft", "salun"} <= set(names)
-    from erase.methods import get_method
-
     for name in names:  # every registered method gets a budget layer and something to tune
+        cls = get_method(name, "classifier")
         layer = method_layer(name, BenchSettings(), 1.0)
         assert layer["epochs"] >= 0
-        assert tuned_fields(name, get_method(name, "classifier").Config()), f"{name} has nothing to tune"
+        assert tuned_fields(cls), f"{name} has nothing to tune"
+        fields = set(cls.Config.__dataclass_fields__)
+        assert set(cls.epoch_fields) | set(tuned_fields(cls)) <= fields, f"{name} declares a knob its config lacks"
+        assert list(layer) == ["epochs", *cls.epoch_fields, *tuned_fields(cls)]
+
+
+# The layers the benchmark gave when the budget knobs were tables in erase/bench/classifier.py
+# (EXTRA_EPOCH_FIELDS, TUNE_FIELDS), at the default --epoch-scale 0.1: the methods' own declarations
+# must give the same runs (same folders, same results), key order included.
+OLD_LAYERS = {
+    ("reinit_kp", 1.0): {"epochs": 0.5, "cycle_epochs": "0.2,0.1,0.1,0.1", "lr": 0.001},
+    ("reinit_kp", 3.0): {"epochs": 0.5, "cycle_epochs": "0.2,0.1,0.1,0.1", "lr": 0.003},
+    ("reset_distill", 1.0): {"epochs": 0.3, "warmup_epochs": 0.3, "lr": 0.001, "warmup_lr": 0.0009},
+    ("reset_distill", 3.0): {"epochs": 0.3, "warmup_epochs": 0.3, "lr": 0.003, "warmup_lr": 0.0027},
+    ("kl_uniform", 1.0): {"epochs": 0.8, "stage1_epochs": 0.1, "stage1_lr": 0.005, "forget_lr": 0.0003,
+                          "forget_min_lr": 1e-06},
+    ("kl_uniform", 3.0): {"epochs": 0.8, "stage1_epochs": 0.1, "stage1_lr": 0.015, "forget_lr": 0.0009,
+                          "forget_min_lr": 3e-06},
+    ("iu", 1.0): {"epochs": 0.5, "alpha": 10.0},
+    ("iu", 3.0): {"epochs": 0.5, "alpha": 30.0},
+    ("ssd", 1.0): {"epochs": 0.5, "alpha": 10.0},
+    ("ssd", 3.0): {"epochs": 0.5, "alpha": 30.0},
+    ("salun", 1.0): {"epochs": 1.0, "lr": 0.013},
+    ("salun", 3.0): {"epochs": 1.0, "lr": 0.039},
+}
+
+
+def test_methods_declare_the_budget_knobs_the_old_tables_named():
+    s = BenchSettings()
+    for (name, mult), want in OLD_LAYERS.items():
+        got = method_layer(name, s, mult)
+        assert list(got.items()) == list(want.items()), (name, mult, got)
+    # the report's budget rule is written from the same declarations
+    rule = budget_rule(s)
+    for part in ("reinit_kp: cycle_epochs", "reset_distill: warmup_epochs", "kl_uniform: stage1_epochs",
+                 "iu: alpha", "ssd: alpha"):
+        assert part in rule
+    assert "none here" in budget_rule(BenchSettings(methods=["ft"]))
 
 
 def test_methods_filter_rejects_unknown_names():
@@ -57,6 +95,50 @@ def test_benchmark_tiny_end_to_end(tmp_path):
     again = json.loads(res.with_suffix(".json").read_text())
     assert again["new_runs_this_invocation"] == 0
     assert again["scenarios"]["random:0.1"]["rows"]["ft"]["summary"] == ft["summary"]
+    assert_cached_fashion_mnist_untouched()
+
+
+def assert_cached_fashion_mnist_untouched():
+    """The runs shared one decoded copy of the files, and none of them wrote into it."""
+    from erase.classifier.data import FASHION_MNIST_DEBIAN, _read_fashion_mnist
+
+    assert _read_fashion_mnist.cache_info().hits > 0
+    for train in (True, False):
+        cached, fresh = _read_fashion_mnist(FASHION_MNIST_DEBIAN.resolve(), train), \
+            _read_fashion_mnist.__wrapped__(FASHION_MNIST_DEBIAN.resolve(), train)
+        assert all(torch.equal(a, b) for a, b in zip(cached, fresh))
+
+
+@needs_fmnist
+def test_fashion_mnist_loads_share_one_decode_but_not_the_dataset_object():
+    from erase.classifier.data import load_dataset
+
+    a, b = load_dataset("fashion-mnist", True), load_dataset("fashion-mnist", True, pad_to=32)
+    assert a is not b and a.images.data_ptr() == b.images.data_ptr()
+    assert a.image_shape == (1, 28, 28) and b.image_shape == (1, 32, 32)  # each keeps its own padding
+    assert a.head(5).images.data_ptr() == a.images.data_ptr() and len(a) == 60000  # head() is a view, a stays whole
+
+
+def test_cifar_is_read_once_per_split_and_folder(tmp_path, monkeypatch):
+    import numpy as np
+    import torchvision.datasets as tvd
+
+    from erase.classifier.data import load_dataset
+
+    made = []
+
+    class FakeCIFAR10:  # torchvision's reader, minus the files
+        classes = [str(i) for i in range(10)]
+
+        def __init__(self, root, train, download):
+            made.append((root, train))
+            self.data, self.targets = np.zeros((4, 32, 32, 3), np.uint8), [0, 1, 2, 3]
+
+    monkeypatch.setattr(tvd, "CIFAR10", FakeCIFAR10)
+    for _ in range(3):
+        assert len(load_dataset("cifar10", True, str(tmp_path))) == 4
+    load_dataset("cifar10", False, str(tmp_path))
+    assert made == [(str(tmp_path), True), (str(tmp_path), False)]
 
 
 def test_diffusion_benchmark_shards_partition_the_plan():

@@ -17,7 +17,8 @@ retrained models split in halves (N/2 against N/2, real data) and F of two simul
 from one Gaussian (the expected ceiling at this N).
 
 Method settings: by default the configuration the classifier benchmark chose for random
-forgetting (``--benchmark``), otherwise the method's defaults with epochs × ``--epoch-scale``;
+forgetting (``--benchmark``), otherwise the benchmark's budget rule at the method's default
+settings (every length in epochs × ``--epoch-scale``);
 ``--set METHOD.FIELD=VALUE`` overrides. ``--method best`` is the benchmark's lowest-gap method
 for random forgetting. Runs live under ``--out-dir`` (resumable; the retrained group is shared by
 all methods); results go to ``<results>.json``/``.md`` and ``<results>_eps.png``.
@@ -34,61 +35,51 @@ from pathlib import Path
 
 import numpy as np
 
+from erase.bench.classifier import budget_layer
 from erase.bench.common import (
-    cache_datasets,
+    REFERENCE,
+    ClassifierRuns,
+    ClassifierSettings,
+    add_run_flags,
+    add_setup_flags,
+    apply_flags,
     describe_machine,
     fmt_duration,
     loadavg,
     machine_info,
     mean_std,
-    parse_method_overrides,
-    run_once,
+    print_results,
+    pyplot,
     set_threads,
     short_hash,
+    unlearning_methods,
+    write_results,
 )
+from erase.errors import EraseError
+from erase.methods import get_method
+
+FIGURE = "_eps.png"  # beside <results>.json and .md
 
 
 @dataclass
-class AuditSettings:
-    methods: list[str] = field(default_factory=lambda: ["ft", "salun", "best"])
-    n_models: int = 32
-    dataset: str = "fashion-mnist"
-    width: int = 8
+class AuditSettings(ClassifierSettings):
     limit_train: int = 2000
     limit_test: int = 1000
     eval_max_retain: int = 1000
-    epochs: float = 10.0
-    augment: bool = False
-    label_smoothing: float = 0.0
+    methods: list[str] = field(default_factory=lambda: ["ft", "salun", "best"])
+    n_models: int = 32
     forget: str = "random:0.1"
     split_seed: int = 0
-    epoch_scale: float = 0.1
     benchmark: str = "results/classifier_fmnist.json"
-    overrides: dict = field(default_factory=dict)
     out_dir: str = "runs/bench/audit"
     results: str = "results/audit_fmnist"
-    threads: int = 0
-    retry_failed: bool = False
-    report_only: bool = False
 
     def tag(self) -> str:
-        ds = self.dataset.replace("fashion-mnist", "fmnist")
-        recipe = ("-aug" if self.augment else "") + (f"-ls{self.label_smoothing:g}" if self.label_smoothing else "")
-        return (f"{ds}-w{self.width}-n{self.limit_train}-t{self.limit_test}-r{self.eval_max_retain}-e{self.epochs:g}{recipe}-"
-                f"{self.forget.replace(':', '-')}-s{self.split_seed}")
+        return f"{super().tag()}-{self.forget.replace(':', '-')}-s{self.split_seed}"
 
-    def recipe(self) -> dict:
-        """The method layer of the original and of every retrained model (the benchmark's recipe)."""
-        return {"epochs": self.epochs, "label_smoothing": self.label_smoothing}
-
-
-def task_layer(s: AuditSettings, forget: str, original: str = "") -> dict:
-    layer = {"dataset": s.dataset, "forget": forget, "split_seed": s.split_seed, "width": s.width,
-             "limit_train": s.limit_train, "limit_test": s.limit_test, "eval_max_retain": s.eval_max_retain,
-             "augment": s.augment}
-    if original:
-        layer["original"] = original
-    return layer
+    def forget_layer(self, original: str) -> dict:
+        """The task layer of every audited model: one forget split, the same for both groups."""
+        return self.task_layer(self.forget, self.split_seed, original)
 
 
 def benchmark_choice(s: AuditSettings) -> dict:
@@ -106,63 +97,41 @@ def benchmark_choice(s: AuditSettings) -> dict:
 
 
 def resolve_methods(s: AuditSettings, bench: dict) -> list[str]:
-    from erase.errors import EraseError
-    from erase.methods import list_methods
-
     out = []
     for m in s.methods:
         if m == "best":
             if not bench.get("best"):
                 raise EraseError(f"--method best needs the benchmark results {s.benchmark} (run python -m erase.bench.classifier)")
             m = bench["best"]
-        if m not in list_methods("classifier") or m == "retrain":
-            raise EraseError(f"unknown classifier method {m!r}; registered: {', '.join(list_methods('classifier'))}")
         if m not in out:
             out.append(m)
+    unlearning_methods(out)  # rejects unknown names
     return out
 
 
 def method_layer(name: str, s: AuditSettings, bench: dict) -> tuple[dict, str]:
-    from erase.methods import get_method
-
     if name in bench.get("chosen", {}):
         layer, source = dict(bench["chosen"][name]), f"chosen by the benchmark ({bench['source']}, {bench['scenario']})"
-    else:
-        cfg = get_method(name, "classifier").Config()
-        layer, source = {"epochs": round(cfg.epochs * s.epoch_scale, 6), "lr": cfg.lr}, \
-            f"defaults with epochs × {s.epoch_scale:g}"
+    else:  # the benchmark's budget rule at its default settings
+        layer = budget_layer(get_method(name, "classifier"), s.epoch_scale, 1.0)
+        source = f"defaults with epochs × {s.epoch_scale:g}"
     if s.overrides.get(name):
         layer.update(s.overrides[name])
         source += f" + overrides {s.overrides[name]}"
     return layer, source
 
 
-class Audit:
+class Audit(ClassifierRuns):
     def __init__(self, s: AuditSettings):
-        self.s = s
-        self.root = Path(s.out_dir) / s.tag()
-        self.t0 = time.perf_counter()
+        super().__init__(s)
         self._task = None
-
-    def log(self, msg: str) -> None:
-        print(f"[{time.perf_counter() - self.t0:7.0f}s] {msg}", flush=True)
-
-    def run(self, out, method, task, layer, seed, label) -> dict:
-        rec = run_once(out, method, task, layer, seed, retry_failed=self.s.retry_failed, dry=self.s.report_only)
-        if rec["status"] == "done" and not rec.get("cached"):
-            m = rec["metrics"]
-            accs = " ".join(f"{k} {m[k]:.1f}" for k in ("UA", "RA", "TA") if k in m)
-            self.log(f"{label}: {rec['run']['total_s']:.1f}s unlearn, {rec.get('bench', {}).get('wall_s', 0):.1f}s wall, {accs}")
-        elif rec["status"] == "failed" and not rec.get("cached"):
-            self.log(f"{label}: FAILED {rec.get('error', '')[:200]}")
-        return rec
 
     def task(self, original: str):
         """The forget split shared by every model (built once; the same examples in the same order)."""
         if self._task is None:
             from erase.classifier.task import ClassifierConfig, ClassifierTask
 
-            self._task = ClassifierTask(ClassifierConfig(**task_layer(self.s, self.s.forget, original)), seed=0)
+            self._task = ClassifierTask(ClassifierConfig(**self.s.forget_layer(original)), seed=0)
         return self._task
 
     def confidences(self, rec: dict, original: str) -> np.ndarray | None:
@@ -195,23 +164,22 @@ class Audit:
     def execute(self) -> dict:
         s = self.s
         s.threads = set_threads(s.threads)
-        cache_datasets()
         bench = benchmark_choice(s)
         methods = resolve_methods(s, bench)
         self.log(f"audit {s.tag()}: N = {s.n_models} per group; methods {', '.join(methods)}; load {loadavg()}")
-        orig = self.run(self.root / "original", "retrain", task_layer(s, "none"), s.recipe(), 0, "original")
+        orig = self.original()
+        if orig["status"] == "missing":
+            raise EraseError(f"--report-only: no finished original model in {orig['path']}")
         if orig["status"] != "done":
-            from erase.errors import EraseError
-
             raise EraseError(f"the original model could not be trained: {orig.get('error')}")
         original = orig["path"]
-        retrained = [self.run(self.root / "retrain" / f"seed{k}", "retrain", task_layer(s, s.forget, original),
+        retrained = [self.run(self.root / "retrain" / f"seed{k}", REFERENCE, s.forget_layer(original),
                               s.recipe(), k, f"retrain {k + 1}/{s.n_models}") for k in range(s.n_models)]
         groups = {}
         for name in methods:
             layer, source = method_layer(name, s, bench)
             mdir = self.root / f"{name}-{short_hash(layer)}"
-            recs = [self.run(mdir / f"seed{k}", name, task_layer(s, s.forget, original), layer, k,
+            recs = [self.run(mdir / f"seed{k}", name, s.forget_layer(original), layer, k,
                              f"{name} {k + 1}/{s.n_models}") for k in range(s.n_models)]
             groups[name] = {"records": recs, "method_config": layer, "config_source": source}
             self.write(orig, retrained, groups, original)  # partial results after each method
@@ -293,15 +261,8 @@ class Audit:
             data["best_vs_ft_2x"] = (scored[best]["score"] >= 2 * scored["ft"]["score"]) if "ft" in scored else None
         data["runs_wall_s_total"] = round(data["retrained"]["wall_s_total"] + sum(e["wall_s_total"] for e in data["methods"].values())
                                           + (orig.get("bench", {}).get("wall_s") or 0), 1)
-        data["invocation_wall_s"] = round(time.perf_counter() - self.t0, 1)
-        prefix = Path(s.results)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        from erase.storage import atomic_write_json, atomic_write_text
-
-        atomic_write_json(data, prefix.with_suffix(".json"))
-        atomic_write_text(markdown(data), prefix.with_suffix(".md"))
-        png = prefix.parent / f"{prefix.name}_eps.png"
-        plot_eps(eps_for_plot, data, png)
+        data["invocation_wall_s"] = self.wall_s()
+        write_results(Path(s.results), data, markdown(data), FIGURE, lambda path: plot_eps(eps_for_plot, data, path))
         return data
 
 
@@ -371,11 +332,7 @@ def markdown(data: dict) -> str:
 
 
 def plot_eps(eps: dict, data: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     top = data["buckets"][-1]["to"] if data["buckets"] else 1.0
     names = list(eps)
     fig, axes = plt.subplots(len(names) or 1, 1, figsize=(7, 1.9 * max(len(names), 1) + 0.6), sharex=True, squeeze=False)
@@ -401,10 +358,8 @@ def plot_eps(eps: dict, data: dict, path: Path) -> None:
     axes[-1, 0].set_xlabel(f"per-example ε (buckets of 0.5; last bin: ε ≥ {top:g}, incl. the cap 50)")
     fig.suptitle(f"{data['title']}", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -414,41 +369,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", help="method(s) to audit, comma-separated or repeated; 'best' = the "
                    f"benchmark's best for random forgetting (default {','.join(d.methods)})")
     p.add_argument("--n-models", type=int, help=f"models per group (default {d.n_models}; the challenge used 512)")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="augmentation (default: off)")
-    for name, typ in (("dataset", str), ("width", int), ("limit-train", int), ("limit-test", int), ("eval-max-retain", int),
-                      ("epochs", float), ("label-smoothing", float), ("forget", str), ("split-seed", int),
-                      ("epoch-scale", float), ("benchmark", str), ("out-dir", str), ("results", str), ("threads", int)):
+    add_setup_flags(p, d)
+    for name, typ in (("forget", str), ("split-seed", int), ("benchmark", str)):
         p.add_argument(f"--{name}", type=typ, help=f"(default {getattr(d, name.replace('-', '_'))!r})")
-    p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE", help="override a method's config field")
-    p.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")
-    p.add_argument("--report-only", action="store_true", help="train nothing; score the finished runs")
+    add_run_flags(p, d)
     return p
 
 
 def main(argv=None) -> int:
-    from erase.errors import EraseError
-
     args = build_parser().parse_args(argv)
     s = AuditSettings()
+    apply_flags(s, args)
     if args.method:
         s.methods = [m.strip() for item in args.method for m in item.split(",") if m.strip()]
-    if args.n_models is not None:
-        s.n_models = args.n_models
-    for k in ("dataset", "width", "limit_train", "limit_test", "eval_max_retain", "epochs", "augment", "label_smoothing",
-              "forget", "split_seed",
-              "epoch_scale", "benchmark", "out_dir", "results", "threads"):
-        v = getattr(args, k)
-        if v is not None:
-            setattr(s, k, v)
-    s.overrides = parse_method_overrides(args.set)
     if s.n_models < 3:
         raise EraseError("--n-models must be at least 3 (the buckets end at ceil(ln(N - 1)))")
-    s.retry_failed, s.report_only = args.retry_failed, args.report_only
     data = Audit(s).execute()
-    print()
-    print(Path(s.results).with_suffix(".md").read_text())
-    print(f"written: {s.results}.json, {s.results}.md, {s.results}_eps.png (this invocation "
-          f"{fmt_duration(data['invocation_wall_s'])})")
+    print_results(s.results, FIGURE, data["invocation_wall_s"])
     return 0
 
 

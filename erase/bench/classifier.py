@@ -38,63 +38,48 @@ from pathlib import Path
 
 from erase.bench.common import (
     METRIC_KEYS,
-    cache_datasets,
+    REFERENCE,
+    ClassifierRuns,
+    ClassifierSettings,
+    add_run_flags,
+    add_setup_flags,
+    apply_flags,
     describe_machine,
     fmt_duration,
     fmt_pm,
     loadavg,
     machine_info,
     mean_std,
-    parse_method_overrides,
+    print_results,
+    pyplot,
     read_run,
-    run_once,
     set_threads,
     short_hash,
+    unlearning_methods,
+    write_results,
 )
+from erase.methods import get_method
 
-REFERENCE = "retrain"
 ORIGINAL_ROW = "original (no unlearning)"
 NOISE_ROW = "retrain, another seed (noise floor)"
 REFERENCE_ROWS = (REFERENCE, ORIGINAL_ROW, NOISE_ROW)
 NOISE_SEED = 1000  # run seed offset of the second, independent retrain per seed
-SKIP_METHODS = {"retrain"}  # the reference itself is not a row to tune
 
 
 @dataclass
-class BenchSettings:
-    dataset: str = "fashion-mnist"
-    width: int = 8
-    limit_train: int = 4000
-    limit_test: int = 1500
-    eval_max_retain: int = 1500
-    epochs: float = 10.0
-    augment: bool = False
-    label_smoothing: float = 0.0
+class BenchSettings(ClassifierSettings):
     seeds: int = 3
     scenarios: list[str] = field(default_factory=lambda: ["random:0.1", "class:1"])
     val_class: int = 8
     val_split_seed: int = 1000
-    epoch_scale: float = 0.1
     lr_grid: list[float] = field(default_factory=lambda: [1 / 3, 1.0, 3.0, 10.0])
     methods: list[str] | None = None
-    overrides: dict = field(default_factory=dict)
     out_dir: str = "runs/bench/classifier"
     results: str = "results/classifier_fmnist"
-    threads: int = 0
-    retry_failed: bool = False
-    report_only: bool = False
     quick: bool = False
 
-    def tag(self) -> str:
-        ds = self.dataset.replace("fashion-mnist", "fmnist")
-        recipe = ("-aug" if self.augment else "") + (f"-ls{self.label_smoothing:g}" if self.label_smoothing else "")
-        return f"{ds}-w{self.width}-n{self.limit_train}-t{self.limit_test}-r{self.eval_max_retain}-e{self.epochs:g}{recipe}"
 
-    def recipe(self) -> dict:
-        """The method layer of the original and of every retrain."""
-        return {"epochs": self.epochs, "label_smoothing": self.label_smoothing}
-
-
+FIGURE = "_gaps.png"  # beside <results>.json and .md
 QUICK = {"limit_train": 2000, "limit_test": 1000, "eval_max_retain": 1000, "epochs": 10.0, "seeds": 2,
          "lr_grid": [1.0], "epoch_scale": 0.1, "results": "results/classifier_fmnist_quick"}
 
@@ -103,15 +88,6 @@ QUICK = {"limit_train": 2000, "limit_test": 1000, "eval_max_retain": 1000, "epoc
 
 def slug(spec: str) -> str:
     return spec.replace(":", "-").replace(",", "_")
-
-
-def task_layer(s: BenchSettings, forget: str, split_seed: int = 0, original: str = "") -> dict:
-    layer = {"dataset": s.dataset, "forget": forget, "split_seed": split_seed, "width": s.width,
-             "limit_train": s.limit_train, "limit_test": s.limit_test, "eval_max_retain": s.eval_max_retain,
-             "augment": s.augment}
-    if original:
-        layer["original"] = original
-    return layer
 
 
 def seed_forget(s: BenchSettings, scenario: str, seed: int) -> tuple[str, int]:
@@ -125,18 +101,8 @@ def val_forget(s: BenchSettings, scenario: str) -> tuple[str, int]:
     return f"class:{s.val_class}", 0
 
 
-# Budget knobs the generic rules cannot see. Any method not named here (e.g. one added later) gets the
-# generic rules: ``epochs`` scaled, every learning rate (``lr`` and ``*_lr`` fields) tuned.
-EXTRA_EPOCH_FIELDS = {  # lengths that --epochs does not set
-    "reinit_kp": ("cycle_epochs",),      # its length is the sum of the cycles (``epochs`` is unused)
-    "reset_distill": ("warmup_epochs",),  # distillation warm-up before its ``epochs``
-    "kl_uniform": ("stage1_epochs",),     # the KL-to-uniform pass before its rounds
-}
-TUNE_FIELDS = {  # closed-form methods: their step size / selection threshold instead of a learning rate
-    "iu": ("alpha",),
-    "ssd": ("alpha",),
-}
-
+# The budget rule reads each method's own declarations: ``tunable`` (the knobs the grid multiplies; None:
+# every learning rate) and ``epoch_fields`` (lengths in epochs that ``epochs`` does not set).
 
 def _scale_field(value, factor: float):
     if isinstance(value, str):  # comma-separated epochs, e.g. reinit_kp's "2,1,1,1"
@@ -144,79 +110,41 @@ def _scale_field(value, factor: float):
     return round(float(value) * factor, 6)
 
 
-def tuned_fields(name: str, cfg) -> list[str]:
-    if name in TUNE_FIELDS:
-        return [f for f in TUNE_FIELDS[name] if hasattr(cfg, f)]
+def tuned_fields(method_cls) -> list[str]:
+    """The config fields the tuning grid multiplies: the method's ``tunable``, else its positive learning rates."""
+    if method_cls.tunable is not None:
+        return list(method_cls.tunable)
+    cfg = method_cls.Config()
     return [f.name for f in dataclasses.fields(cfg) if (f.name == "lr" or f.name.endswith("_lr"))
             and isinstance(getattr(cfg, f.name), float) and getattr(cfg, f.name) > 0]
 
 
-def method_layer(name: str, s: BenchSettings, mult: float) -> dict:
-    """The method's config layer under the budget rule, with its tuned fields times ``mult``."""
-    from erase.methods import get_method
-
-    cfg = get_method(name, "classifier").Config()
-    layer = {"epochs": round(cfg.epochs * s.epoch_scale, 6)}
-    for f in EXTRA_EPOCH_FIELDS.get(name, ()):
-        if hasattr(cfg, f):
-            layer[f] = _scale_field(getattr(cfg, f), s.epoch_scale)
-    for f in tuned_fields(name, cfg):
+def budget_layer(method_cls, epoch_scale: float, mult: float) -> dict:
+    """The method's defaults under the budget rule: every length in epochs × ``epoch_scale``, tuned fields × ``mult``."""
+    cfg = method_cls.Config()
+    layer = {"epochs": round(cfg.epochs * epoch_scale, 6)}
+    for f in method_cls.epoch_fields:
+        layer[f] = _scale_field(getattr(cfg, f), epoch_scale)
+    for f in tuned_fields(method_cls):
         layer[f] = float(f"{getattr(cfg, f) * mult:.6g}")
-    layer.update(s.overrides.get(name, {}))
     return layer
 
 
+def method_layer(name: str, s: BenchSettings, mult: float) -> dict:
+    """The method's config layer under the budget rule, with its tuned fields times ``mult``; --set wins."""
+    return {**budget_layer(get_method(name, "classifier"), s.epoch_scale, mult), **s.overrides.get(name, {})}
+
+
 def registered_methods(s: BenchSettings) -> list[str]:
-    from erase.methods import list_methods
-
-    names = [m for m in list_methods("classifier") if m not in SKIP_METHODS]
-    if s.methods:
-        unknown = [m for m in s.methods if m not in names]
-        if unknown:
-            from erase.errors import EraseError
-
-            raise EraseError(f"unknown classifier method(s) {unknown}; registered: {', '.join(names)}")
-        names = [m for m in names if m in s.methods]
-    return names
+    return unlearning_methods(s.methods)
 
 
 # -- running -------------------------------------------------------------------------------------
 
-class Bench:
+class Bench(ClassifierRuns):
     def __init__(self, s: BenchSettings):
-        self.s = s
-        self.root = Path(s.out_dir) / s.tag()
-        self.t0 = time.perf_counter()
+        super().__init__(s)
         self.started = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.log_lines: list[str] = []
-        self.n_new = 0
-
-    def log(self, msg: str) -> None:
-        line = f"[{time.perf_counter() - self.t0:7.0f}s] {msg}"
-        print(line, flush=True)
-
-    def run(self, out: Path, method: str, task: dict, mlayer: dict, seed: int, label: str) -> dict:
-        rec = run_once(out, method, task, mlayer, seed, retry_failed=self.s.retry_failed, dry=self.s.report_only)
-        if rec["status"] == "done":
-            r = rec["run"]
-            m = rec["metrics"]
-            cost = f"{r['total_s']:.1f}s unlearn, {r['steps']} steps"
-            if "bench" in rec:
-                cost += f", {rec['bench']['wall_s']:.1f}s wall"
-            gaps = " ".join(f"{k}={m[k]:.1f}" for k in METRIC_KEYS if k in m)
-            self.log(f"{label}: {'cached' if rec.get('cached') else 'done'} ({cost}) {gaps}")
-            if not rec.get("cached"):
-                self.n_new += 1
-        elif rec["status"] == "failed":
-            self.log(f"{label}: FAILED {rec.get('error', '')[:200]}")
-        else:
-            self.log(f"{label}: missing")
-        return rec
-
-    def original(self) -> dict:
-        out = self.root / "original"
-        task = task_layer(self.s, "none")
-        return self.run(out, REFERENCE, task, self.s.recipe(), 0, "original")
 
     def original_eval(self, scenario: str, seed: int, original: str) -> dict | None:
         """The original model's metrics on a scenario's split (the "do nothing" row)."""
@@ -228,7 +156,7 @@ class Bench:
         if self.s.report_only:
             return None
         forget, split_seed = seed_forget(self.s, scenario, seed)
-        cfg = ClassifierConfig(**task_layer(self.s, forget, split_seed, original))
+        cfg = ClassifierConfig(**self.s.task_layer(forget, split_seed, original))
         task = ClassifierTask(cfg, seed=seed)
         model = task.build_model(from_scratch=False)
         metrics = task.evaluate(model, "cpu")
@@ -240,7 +168,6 @@ class Bench:
     def execute(self) -> dict:
         s = self.s
         s.threads = set_threads(s.threads)
-        cache_datasets()
         methods = registered_methods(s)
         self.log(f"setup {s.tag()}; methods ({len(methods)}): {', '.join(methods)}; load {loadavg()}")
         orig = self.original()
@@ -260,18 +187,18 @@ class Bench:
         # references first: the validation retrain and one retrain per seed
         vforget, vseed = val_forget(s, scenario)
         if len(s.lr_grid) > 1:
-            res["val_retrain"] = self.run(sdir / "val" / "retrain", REFERENCE, task_layer(s, vforget, vseed, original),
+            res["val_retrain"] = self.run(sdir / "val" / "retrain", REFERENCE, s.task_layer(vforget, vseed, original),
                                           s.recipe(), 0, f"{scenario} val retrain ({vforget}#{vseed})")
         for seed in range(s.seeds):
             forget, split_seed = seed_forget(s, scenario, seed)
             res["retrain"].append(self.run(sdir / "retrain" / f"seed{seed}", REFERENCE,
-                                           task_layer(s, forget, split_seed, original), s.recipe(), seed,
+                                           s.task_layer(forget, split_seed, original), s.recipe(), seed,
                                            f"{scenario} retrain seed {seed}"))
             res["original"].append(self.original_eval(scenario, seed, original))
         for seed in range(s.seeds):  # same forget set, another training seed: how far apart two retrains land
             forget, split_seed = seed_forget(s, scenario, seed)
             res["retrain_b"].append(self.run(sdir / "retrain-b" / f"seed{seed}", REFERENCE,
-                                             task_layer(s, forget, split_seed, original), s.recipe(), NOISE_SEED + seed,
+                                             s.task_layer(forget, split_seed, original), s.recipe(), NOISE_SEED + seed,
                                              f"{scenario} independent retrain seed {seed} (run seed {NOISE_SEED + seed})"))
         for name in methods:
             res["methods"][name] = self.method(scenario, name, original, res)
@@ -289,12 +216,12 @@ class Bench:
             layer = method_layer(name, s, s.lr_grid[0])
             return {"status": "done", "tuning": [], "chosen": layer, "chosen_lr_mult": s.lr_grid[0],
                     "seeds": [self.run(sdir / name / short_hash(layer) / f"seed{seed}", name,
-                                       task_layer(s, *seed_forget(s, scenario, seed), original), layer, seed,
+                                       s.task_layer(*seed_forget(s, scenario, seed), original), layer, seed,
                                        f"{scenario} {name} seed {seed}") for seed in range(s.seeds)]}
         for mult in sorted(s.lr_grid, key=lambda m: (m != 1.0, m)):  # the default first
             layer = method_layer(name, s, mult)
             out = sdir / "val" / name / short_hash(layer)
-            rec = self.run(out, name, task_layer(s, vforget, vseed, original), layer, 0,
+            rec = self.run(out, name, s.task_layer(vforget, vseed, original), layer, 0,
                            f"{scenario} tune {name} ×{mult:.3g}")
             row = {"lr_mult": mult, "method_config": layer, "status": rec["status"], "path": rec["path"]}
             if rec["status"] == "done":
@@ -305,7 +232,7 @@ class Bench:
             else:
                 row["error"] = rec.get("error")
             tuning.append(row)
-            if rec["status"] == "done" and rec["run"]["steps"] == 0 and name not in TUNE_FIELDS:
+            if rec["status"] == "done" and rec["run"]["steps"] == 0 and get_method(name, "classifier").tunable is None:
                 break  # trains no step and tunes only learning rates: the other settings would be identical
         done = [t for t in tuning if t.get("val_avg_gap") is not None]
         if not done:
@@ -318,7 +245,7 @@ class Bench:
         for seed in range(s.seeds):
             forget, split_seed = seed_forget(s, scenario, seed)
             out = sdir / name / short_hash(layer) / f"seed{seed}"
-            rec = self.run(out, name, task_layer(s, forget, split_seed, original), layer, seed,
+            rec = self.run(out, name, s.task_layer(forget, split_seed, original), layer, seed,
                            f"{scenario} {name} seed {seed}")
             seeds.append(rec)
         return {"status": "done", "tuning": tuning, "chosen": layer, "chosen_lr_mult": best["lr_mult"], "seeds": seeds}
@@ -327,7 +254,7 @@ class Bench:
 
     def report(self, scen_results: dict, methods: list[str], orig: dict) -> dict:
         data = summarise(self.s, scen_results, methods, orig)
-        data["invocation_wall_s"] = round(time.perf_counter() - self.t0, 1)
+        data["invocation_wall_s"] = self.wall_s()
         data["new_runs_this_invocation"] = self.n_new
         command = " ".join(["python -m erase.bench.classifier", *sys.argv[1:]])
         # The invocations that trained this table's runs (a resumed benchmark has several).
@@ -417,9 +344,7 @@ def summarise(s: BenchSettings, scen_results: dict, methods: list[str], orig: di
                 continue
             srows = [_seed_row(rec, refs[i], i) for i, rec in enumerate(mres["seeds"])]
             entry = {"status": mres["status"], "tuning": mres["tuning"], "seeds": srows, "summary": _aggregate(srows)}
-            from erase.methods import get_method
-
-            entry["tuned_fields"] = tuned_fields(name, get_method(name, "classifier").Config())
+            entry["tuned_fields"] = tuned_fields(get_method(name, "classifier"))
             if "chosen" in mres:
                 entry["chosen"] = mres["chosen"]
                 entry["chosen_lr_mult"] = mres["chosen_lr_mult"]
@@ -461,13 +386,14 @@ def budget_rule(s: BenchSettings) -> str:
             f"set (random: split #{s.val_split_seed}; class: class {s.val_class}) against a retrain on that set, and the "
             f"one with the smallest average gap runs on every seed" if k > 1 else
             "no tuning: every method runs its default learning rate (k = 1)")
-    extra = "; ".join(f"{m}: {', '.join(f)}" for m, f in EXTRA_EPOCH_FIELDS.items())
-    closed = "; ".join(f"{m}: {', '.join(f)}" for m, f in TUNE_FIELDS.items())
+    classes = {m: get_method(m, "classifier") for m in registered_methods(s)}
+    extra = "; ".join(f"{m}: {', '.join(c.epoch_fields)}" for m, c in classes.items() if c.epoch_fields) or "none here"
+    closed = "; ".join(f"{m}: {', '.join(c.tunable)}" for m, c in classes.items() if c.tunable is not None) or "none here"
     return (f"every method runs its documented default epochs × {s.epoch_scale:g} (its default budget, scaled once for "
             f"all methods: the papers' defaults assume a 160-182-epoch retrain, here retrain runs {s.epochs:g} epochs; "
             f"lengths not set by `epochs` are scaled too — {extra}); "
             f"{tune}. \"Learning rates\" = every `lr` / `*_lr` field of the method (an `lr` of 0 meaning \"automatic\" "
-            f"stays 0); the closed-form methods tune their main knob instead ({closed}); a method that turns out to "
+            f"stays 0); methods that declare their own knobs tune those instead ({closed}); a method that turns out to "
             f"train no step runs once. Per-method overrides: {json.dumps(s.overrides) if s.overrides else 'none'}")
 
 
@@ -652,11 +578,7 @@ def _sort_key(name: str, row: dict):
 
 def plot(data: dict, path: Path) -> None:
     """One panel per scenario: average gap (mean ± std over seeds) per method, best first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     scen = list(data["scenarios"])
     if not scen:
         fig, ax = plt.subplots(figsize=(6, 2))
@@ -688,16 +610,8 @@ def plot(data: dict, path: Path) -> None:
 
 
 def write_outputs(data: dict, prefix: Path) -> None:
-    from erase.storage import atomic_write_json, atomic_write_text
-
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     data["markdown"] = prefix.with_suffix(".md").name
-    atomic_write_json(data, prefix.with_suffix(".json"))
-    atomic_write_text(markdown(data), prefix.with_suffix(".md"))
-    png = prefix.parent / f"{prefix.name}_gaps.png"
-    tmp = png.with_suffix(".tmp.png")
-    plot(data, tmp)
-    tmp.replace(png)
+    write_results(prefix, data, markdown(data), FIGURE, lambda path: plot(data, path))
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -710,30 +624,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"smaller preview: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (flags given explicitly win)")
     p.add_argument("--methods", help="comma-separated subset of the registered classifier methods (default: all)")
     p.add_argument("--seeds", type=int, help=f"number of seeds (default {d.seeds})")
-    p.add_argument("--width", type=int, help=f"ResNet-18 base width (default {d.width})")
-    p.add_argument("--dataset", help=f"dataset (default {d.dataset})")
-    p.add_argument("--limit-train", type=int, help=f"training images used (default {d.limit_train})")
-    p.add_argument("--limit-test", type=int, help=f"test images used (default {d.limit_test})")
-    p.add_argument("--eval-max-retain", type=int, help=f"retain images for RA and the MIA members (default {d.eval_max_retain})")
-    p.add_argument("--epochs", type=float, help=f"epochs of the original and of retrain (default {d.epochs:g})")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="flip + shift augmentation in every training stream (default: off, so the original memorises "
-                   "its training set as in the papers' setting)")
-    p.add_argument("--label-smoothing", type=float, help=f"label smoothing of the original and retrain (default {d.label_smoothing:g})")
+    add_setup_flags(p, d)
     p.add_argument("--scenarios", help=f"comma-separated forget specs (default {','.join(d.scenarios)}); use ';' between "
                    "specs if one has a comma")
     p.add_argument("--val-class", type=int, help=f"class forgotten by the class scenarios' validation runs (default {d.val_class})")
-    p.add_argument("--epoch-scale", type=float, help=f"multiplier on every method's default epochs (default {d.epoch_scale:g})")
     p.add_argument("--lr-grid", help="comma-separated multipliers of each method's default lr tried on the validation set "
                    "(default 0.333,1,3,10; '1' = no tuning)")
-    p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
-                   help="override a method's config field for every run of it, e.g. --set ssd.alpha=10 (repeatable)")
-    p.add_argument("--out-dir", help=f"root of the run folders (default {d.out_dir})")
-    p.add_argument("--results", help=f"output prefix (default {d.results}; --quick: {QUICK['results']})")
-    p.add_argument("--threads", type=int, help="torch threads (default 0 = auto: every core on an idle machine, 1 on a "
-                   "busy one, where two threads run ~10x slower)")
-    p.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before instead of reporting them")
-    p.add_argument("--report-only", action="store_true", help="run nothing; rebuild the report from finished runs")
+    add_run_flags(p, d)
     return p
 
 
@@ -743,13 +640,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         for k, v in QUICK.items():
             setattr(s, k, v)
         s.quick = True
-    simple = ["seeds", "width", "dataset", "limit_train", "limit_test", "eval_max_retain", "epochs", "val_class", "augment",
-              "label_smoothing",
-              "epoch_scale", "out_dir", "results", "threads"]
-    for k in simple:
-        v = getattr(args, k)
-        if v is not None:
-            setattr(s, k, v)
+    apply_flags(s, args, skip=("methods", "scenarios", "lr_grid"))
     if args.methods:
         s.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.scenarios:
@@ -757,20 +648,14 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         s.scenarios = [x.strip() for x in args.scenarios.split(sep) if x.strip()]
     if args.lr_grid:
         s.lr_grid = [float(x) for x in args.lr_grid.split(",") if x.strip()]
-    s.overrides = parse_method_overrides(args.set)
-    s.retry_failed, s.report_only = args.retry_failed, args.report_only
     return s
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     s = settings_from_args(args)
-    bench = Bench(s)
-    data = bench.execute()
-    print()
-    print(Path(s.results).with_suffix(".md").read_text())
-    print(f"written: {s.results}.json, {s.results}.md, {s.results}_gaps.png "
-          f"(this invocation {fmt_duration(data['invocation_wall_s'])})")
+    data = Bench(s).execute()
+    print_results(s.results, FIGURE, data["invocation_wall_s"])
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Shared plumbing of the benchmark commands: resumable, failure-tolerant runs and their costs.
+"""Shared plumbing of the benchmark commands: resumable, failure-tolerant runs, their costs and reports.
 
 Every run goes through the ordinary runner (``erase.runner.run``) in this process, into its own
 folder. A folder holding ``run.json`` is finished and is read back instead of rerun (so an
@@ -6,11 +6,16 @@ interrupted benchmark continues where it stopped); a run that raises (a non-fini
 closed-form edit that produces NaN weights, ...) leaves ``failed.json`` with the error and the
 benchmark goes on. ``bench.json`` beside ``run.json`` records the run's whole wall time (task
 construction, training, evaluation) and the machine load around it.
+
+The two classifier commands (``erase.bench.classifier`` and ``erase.bench.audit``) share more: the
+settings (:class:`ClassifierSettings`) and their flags, the run log
+(:class:`ClassifierRuns`) and the way results are written and announced.
 """
 
 from __future__ import annotations
 
-import functools
+import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -19,12 +24,16 @@ import platform
 import shutil
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from erase.storage import atomic_write_json
+from erase.errors import EraseError
+from erase.methods import list_methods
+from erase.storage import atomic_write_json, atomic_write_text
 
 METRIC_KEYS = ("UA", "RA", "TA", "MIA")
 
@@ -43,33 +52,12 @@ def set_threads(n: int) -> int:
     return n
 
 
-@functools.cache
-def cache_datasets() -> None:
-    """Load each dataset once per process (the benchmark builds hundreds of tasks from the same files).
-
-    Wraps ``load_dataset`` as seen by the classifier task; datasets are immutable tensors, so sharing
-    them between runs changes nothing but the start-up time of a run.
-    """
-    import erase.classifier.task as task_mod
-
-    original = task_mod.load_dataset
-    cached = functools.lru_cache(maxsize=8)(lambda name, train, root, download, pad_to: original(
-        name, train, root, download, pad_to=pad_to))
-
-    def load_dataset(name, train, root=None, download=False, **kwargs):
-        return cached(name, train, root, download, kwargs.get("pad_to"))
-
-    task_mod.load_dataset = load_dataset
-
-
 def parse_method_overrides(items: list[str]) -> dict[str, dict]:
     """``["ssd.alpha=10", "salun.lr=3e-4"]`` -> {"ssd": {"alpha": 10}, "salun": {"lr": "3e-4"}}.
 
     Values are read as YAML scalars; the method's typed config coerces them when the run resolves.
     """
     import yaml
-
-    from erase.errors import EraseError
 
     out: dict[str, dict] = {}
     for item in items:
@@ -221,3 +209,161 @@ def fmt_duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.1f} min"
+
+
+# -- the classifier commands ---------------------------------------------------------------------
+
+REFERENCE = "retrain"  # the gold standard every classifier benchmark compares with; never a method row
+
+
+@dataclass
+class ClassifierSettings:
+    """What every classifier benchmark command is set by; each command adds its own plan.
+
+    The first fields fix the original model (and every retrain): data, width, recipe. Then the
+    budget scale, per-method ``--set`` overrides, where runs and results go, and how to resume.
+    """
+
+    dataset: str = "fashion-mnist"
+    width: int = 8
+    limit_train: int = 4000
+    limit_test: int = 1500
+    eval_max_retain: int = 1500
+    epochs: float = 10.0
+    augment: bool = False
+    label_smoothing: float = 0.0
+    epoch_scale: float = 0.1
+    overrides: dict = field(default_factory=dict)
+    out_dir: str = "runs/bench"  # each command names its own folders
+    results: str = "results/bench"
+    threads: int = 0
+    retry_failed: bool = False
+    report_only: bool = False
+
+    def tag(self) -> str:
+        """The folder name of this setup's runs: runs of another setup are never read back."""
+        ds = self.dataset.replace("fashion-mnist", "fmnist")
+        recipe = ("-aug" if self.augment else "") + (f"-ls{self.label_smoothing:g}" if self.label_smoothing else "")
+        return f"{ds}-w{self.width}-n{self.limit_train}-t{self.limit_test}-r{self.eval_max_retain}-e{self.epochs:g}{recipe}"
+
+    def recipe(self) -> dict:
+        """The method layer of the original and of every retrain."""
+        return {"epochs": self.epochs, "label_smoothing": self.label_smoothing}
+
+    def task_layer(self, forget: str, split_seed: int = 0, original: str = "") -> dict:
+        layer = {"dataset": self.dataset, "forget": forget, "split_seed": split_seed, "width": self.width,
+                 "limit_train": self.limit_train, "limit_test": self.limit_test,
+                 "eval_max_retain": self.eval_max_retain, "augment": self.augment}
+        if original:
+            layer["original"] = original
+        return layer
+
+
+def add_setup_flags(p: argparse.ArgumentParser, d: ClassifierSettings) -> None:
+    """The flags that fix the original model; ``d`` gives the defaults shown."""
+    p.add_argument("--width", type=int, help=f"ResNet-18 base width (default {d.width})")
+    p.add_argument("--dataset", help=f"dataset (default {d.dataset})")
+    p.add_argument("--limit-train", type=int, help=f"training images used (default {d.limit_train})")
+    p.add_argument("--limit-test", type=int, help=f"test images used (default {d.limit_test})")
+    p.add_argument("--eval-max-retain", type=int, help=f"retain images for RA and the MIA members (default {d.eval_max_retain})")
+    p.add_argument("--epochs", type=float, help=f"epochs of the original and of retrain (default {d.epochs:g})")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip + shift augmentation in every training stream (default: off, so the original memorises "
+                   "its training set as in the papers' setting)")
+    p.add_argument("--label-smoothing", type=float, help=f"label smoothing of the original and retrain (default {d.label_smoothing:g})")
+
+
+def add_run_flags(p: argparse.ArgumentParser, d: ClassifierSettings) -> None:
+    """The budget, override, output and resume flags of a classifier command; ``d`` gives the defaults shown."""
+    p.add_argument("--epoch-scale", type=float, help=f"multiplier on every method's default epochs (default {d.epoch_scale:g})")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                   help="override a method's config field for every run of it, e.g. --set ssd.alpha=10 (repeatable)")
+    p.add_argument("--out-dir", help=f"root of the run folders (default {d.out_dir})")
+    p.add_argument("--results", help=f"output prefix (default {d.results})")
+    p.add_argument("--threads", type=int, help="torch threads (default 0 = auto: every core on an idle machine, 1 on a "
+                   "busy one, where two threads run ~10x slower)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before instead of reporting them")
+    p.add_argument("--report-only", action="store_true", help="run nothing; rebuild the report from finished runs")
+
+
+def apply_flags(s: ClassifierSettings, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> None:
+    """Copy every flag given onto the settings field of the same name (``skip``: those the caller parses); --set too."""
+    for f in dataclasses.fields(s):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name not in skip:
+            setattr(s, f.name, value)
+    s.overrides = parse_method_overrides(args.set)
+
+
+def unlearning_methods(wanted: list[str] | None = None) -> list[str]:
+    """The registered classifier methods (all of them, or ``wanted`` checked against them); never the reference."""
+    names = [m for m in list_methods("classifier") if m != REFERENCE]
+    unknown = [m for m in wanted or [] if m not in names]
+    if unknown:
+        raise EraseError(f"unknown classifier method(s) {unknown}; registered: {', '.join(names)}")
+    return [m for m in names if m in wanted] if wanted else names
+
+
+class ClassifierRuns:
+    """One invocation of a classifier command: its clock, its log, and its runs under the settings' resume flags."""
+
+    def __init__(self, s: ClassifierSettings):
+        self.s = s
+        self.root = Path(s.out_dir) / s.tag()
+        self.t0 = time.perf_counter()
+        self.n_new = 0  # runs trained (not read back) by this invocation
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:7.0f}s] {msg}", flush=True)
+
+    def run(self, out: Path, method: str, task: dict, layer: dict, seed: int, label: str) -> dict:
+        rec = run_once(out, method, task, layer, seed, retry_failed=self.s.retry_failed, dry=self.s.report_only)
+        if rec["status"] == "done":
+            r, m = rec["run"], rec["metrics"]
+            cost = f"{r['total_s']:.1f}s unlearn, {r['steps']} steps"
+            if "bench" in rec:
+                cost += f", {rec['bench']['wall_s']:.1f}s wall"
+            gaps = " ".join(f"{k}={m[k]:.1f}" for k in METRIC_KEYS if k in m)
+            self.log(f"{label}: {'cached' if rec.get('cached') else 'done'} ({cost}) {gaps}")
+            if not rec.get("cached"):
+                self.n_new += 1
+        elif rec["status"] == "failed":
+            self.log(f"{label}: FAILED {rec.get('error', '')[:200]}")
+        else:
+            self.log(f"{label}: missing")
+        return rec
+
+    def original(self) -> dict:
+        """The model every method starts from: the reference recipe with nothing forgotten."""
+        return self.run(self.root / "original", REFERENCE, self.s.task_layer("none"), self.s.recipe(), 0, "original")
+
+    def wall_s(self) -> float:
+        return round(time.perf_counter() - self.t0, 1)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (benchmarks run on machines without a display)."""
+    import matplotlib  # here, not at the top: only the figures need it, and --help should stay quick
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_results(prefix: Path, data: dict, markdown: str, figure: str, plot: Callable[[Path], None]) -> None:
+    """``<prefix>.json``, ``<prefix>.md`` and the figure ``<prefix><figure>``, each replaced whole."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(data, prefix.with_suffix(".json"))
+    atomic_write_text(markdown, prefix.with_suffix(".md"))
+    png = prefix.parent / f"{prefix.name}{figure}"
+    tmp = png.with_suffix(".tmp.png")  # matplotlib picks the format from the name, so not atomic_path's
+    plot(tmp)
+    tmp.replace(png)
+
+
+def print_results(results: str, figure: str, wall_s: float) -> None:
+    """The report on stdout, then the files written."""
+    print()
+    print(Path(results).with_suffix(".md").read_text())
+    print(f"written: {results}.json, {results}.md, {results}{figure} (this invocation {fmt_duration(wall_s)})")

@@ -7,6 +7,7 @@ which is what makes resumed runs bit-identical.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import re
@@ -84,7 +85,23 @@ def _fashion_mnist_files(root: Path | None) -> Path | None:
     return None
 
 
+@functools.lru_cache(maxsize=4)
+def _read_fashion_mnist(directory: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images (N, 1, 28, 28), int64 labels) of one split, decoded once per process and folder."""
+    prefix = "train" if train else "t10k"
+    images = torch.from_numpy(_read_idx_gz(directory / f"{prefix}-images-idx3-ubyte.gz").copy()).unsqueeze(1)
+    labels = torch.from_numpy(_read_idx_gz(directory / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
+    return images, labels
+
+
 def load_fashion_mnist(train: bool, root: str | None = None, download: bool = False, pad_to: int | None = None):
+    """Fashion-MNIST from ``root``, the Debian package's folder, or a torchvision download.
+
+    The decoded files are cached per process (a benchmark builds hundreds of tasks from them, and a
+    diffusion run reads the test set for FID): every call returns a new dataset object around the
+    same image and label tensors, so callers must treat ``images`` and ``labels`` as read-only
+    (``head``, ``get_batch`` and the tasks only slice, index and copy them).
+    """
     root_p = Path(root).expanduser() if root else None
     d = _fashion_mnist_files(root_p)
     if d is None and download:
@@ -98,12 +115,12 @@ def load_fashion_mnist(train: bool, root: str | None = None, download: bool = Fa
             "Fashion-MNIST not found: install it with `apt-get install dataset-fashion-mnist` "
             f"(files land in {FASHION_MNIST_DEBIAN}), or pass --data-root DIR --download"
         )
-    prefix = "train" if train else "t10k"
-    images = torch.from_numpy(_read_idx_gz(d / f"{prefix}-images-idx3-ubyte.gz").copy()).unsqueeze(1)
-    labels = torch.from_numpy(_read_idx_gz(d / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
+    images, labels = _read_fashion_mnist(d.resolve(), train)
     return ImageTensorDataset(images, labels, FASHION_MNIST_CLASSES, pad_to=pad_to)
 
 
+# Cached per process like Fashion-MNIST's files (callers share the returned dataset: read-only).
+@functools.lru_cache(maxsize=4)
 def _load_cifar(cls_name: str, train: bool, root: str | None, download: bool):
     import torchvision.datasets as tvd
 

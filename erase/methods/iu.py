@@ -68,6 +68,8 @@ class InfluenceUnlearning(Method):
     tasks = ("classifier",)
     Config = IUConfig
     streams = ()
+    # Closed form: no learning rate; a tuning grid multiplies the step size instead.
+    tunable = ("alpha",)
 
     def _flat_grad(self, ctx, params, batch) -> torch.Tensor:
         loss = ctx.task.loss(ctx.unwrapped, move_to(batch, ctx.device))

@@ -79,6 +79,8 @@ class KLUniform(Method):
     Config = KLUniformConfig
     streams = ("forget", "retain")
     default_weights = {"forget_kl_uniform": 1.0, "forget_contrast": 1.0, "retain_ce": 1.0}
+    # The stage-1 KL-to-uniform pass runs before the ``epochs`` rounds: part of the length a budget rule scales.
+    epoch_fields = ("stage1_epochs",)
 
     def retain_lr(self) -> float:
         cfg = self.config

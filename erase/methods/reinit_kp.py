@@ -95,6 +95,8 @@ class ReinitKP(Method):
     Config = ReinitKPConfig
     streams = ("retain",)
     default_weights = {"retain_kp_mse": 1.0, "retain_ce": 0.0}
+    # Its length is the sum of the cycles (``epochs`` is unused), so a budget rule scales those.
+    epoch_fields = ("cycle_epochs",)
 
     def setup(self, ctx):
         self.teacher = ctx.frozen_copy()

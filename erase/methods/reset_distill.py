@@ -63,6 +63,8 @@ class ResetDistill(Method):
     Config = ResetDistillConfig
     streams = ("retain",)
     default_weights = {"warmup_kd": 1.0, "retain_soft_ce": 1.0, "retain_ce": 1.0, "retain_kd": 1.0}
+    # The distillation warm-up runs before ``epochs``: part of the length a budget rule scales.
+    epoch_fields = ("warmup_epochs",)
 
     def setup(self, ctx):
         self.teacher = ctx.frozen_copy()

@@ -64,6 +64,8 @@ class SelectiveSynapticDampening(Method):
     tasks = ("classifier",)
     Config = SSDConfig
     streams = ()
+    # Training-free: no learning rate; a tuning grid multiplies the selection threshold instead.
+    tunable = ("alpha",)
 
     def importances(self, ctx) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(I_D, I_f): mean squared batch gradients on retain ∪ forget and on forget."""
