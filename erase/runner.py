@@ -67,8 +67,8 @@ def run(r: Resolved) -> RunResult:
     r.run.output_dir = str(out)
     prepare_output_dir(out, r)
     accelerator = _accelerator(r, out)
-    task = task_registry()[r.task_name][1](r.task, seed=r.run.seed, device=accelerator.device)
     method = r.method_cls(r.method)
+    task = task_registry()[r.task_name][1](r.task, seed=r.run.seed, device=accelerator.device, streams=method.streams)
     method.check_task(task)
     model = task.build_model(from_scratch=method.from_scratch).to(accelerator.device)
     if accelerator.is_main_process:

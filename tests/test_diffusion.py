@@ -141,7 +141,7 @@ def test_relabel_points_forget_batches_elsewhere(models):
     dd = _task(models["ddpm"], concept="airplane")
     b = next(dd.iterate("forget"))
     r = dd.relabel(b)  # SalUn's DDPM code: predictions under the next class are the stop-gradient target
-    assert torch.equal(r["prompt"], b["prompt"]) and (r["target_prompt"] == (dd.concept_class + 1) % dd.null_class).all()
+    assert torch.equal(r["prompt"], b["prompt"]) and (r["target_prompt"] == (dd.concept_classes[0] + 1) % dd.null_class).all()
 
 
 def test_cli_writes_model_grid_card_and_metrics_and_reloads(models, tmp_path):

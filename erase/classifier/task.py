@@ -46,7 +46,8 @@ class ClassifierConfig(TaskConfig):
 class ClassifierTask(ClassificationTask):
     name = "classifier"
 
-    def __init__(self, cfg: ClassifierConfig, seed: int = 0, device=None):
+    def __init__(self, cfg: ClassifierConfig, seed: int = 0, device=None, streams: tuple[str, ...] = ()):
+        # Every view is built whatever the method's ``streams``: they are index sets over data loaded once.
         self.cfg = cfg
         self.eval_batch_size = cfg.eval_batch_size
         kw = {"pad_to": cfg.pad_to or None}

@@ -30,12 +30,12 @@ def eval_groups(task) -> list[Group]:
     cs, n = task.concepts, task.cfg.eval_images
     seeds = list(range(EVAL_SEED, EVAL_SEED + n))
     if task.kind == "ddpm":
-        groups = [Group("concept", cs.concept, task.concept_class, seeds)]
+        groups = [Group("concept", c, k, seeds) for c, k in zip(cs.concepts, task.concept_classes)]
         groups += [Group("retain", r, cs.class_index[r], seeds) for r in cs.retain]
         return groups
-    groups = [Group("concept", cs.concept, cs.prompt(cs.concept), seeds)]
+    groups = [Group("concept", c, cs.prompt(c), seeds) for c in cs.concepts]
     per_para = seeds[: max(2, n // 4)]
-    groups += [Group("paraphrase", cs.concept, p, per_para) for p in cs.paraphrases]
+    groups += [Group("paraphrase", c, p, per_para) for c in cs.concepts for p in cs.paraphrases.get(c, [])]
     groups += [Group("retain", r, cs.prompt(r), seeds) for r in cs.retain]
     return groups
 
@@ -69,11 +69,24 @@ def accuracy_metrics(task, groups: list[Group], images: list[torch.Tensor], eval
             return float("nan")
         return 100.0 * float((classify(evaluator, imgs) == names.index(g.target.lower())).float().mean())
 
-    concept = [share(g, x) for g, x in zip(groups, images) if g.name == "concept"][0]
-    para = [share(g, x) for g, x in zip(groups, images) if g.name == "paraphrase"]
+    per_concept = {g.target: share(g, x) for g, x in zip(groups, images) if g.name == "concept"}
+    para: dict[str, list[float]] = {}
+    for g, x in zip(groups, images):
+        if g.name == "paraphrase":
+            para.setdefault(g.target, []).append(share(g, x))
     per_class = {g.target: round(share(g, x), 2) for g, x in zip(groups, images) if g.name == "retain"}
+    concept = _mean(per_concept.values())
     out = {"concept_acc": round(concept, 2), "UA": round(100 - concept, 2),
-           "other_acc": round(sum(per_class.values()) / max(len(per_class), 1), 2), "other_per_class": per_class}
+           "other_acc": round(_mean(per_class.values()), 2), "other_per_class": per_class}
     if para:
-        out["paraphrase_acc"] = round(sum(para) / len(para), 2)
+        out["paraphrase_acc"] = round(_mean(_mean(v) for v in para.values()), 2)
+    if len(per_concept) > 1:  # several erased concepts: each one's numbers, the headline is their mean
+        out["concept_acc_per_concept"] = {c: round(v, 2) for c, v in per_concept.items()}
+        if para:
+            out["paraphrase_acc_per_concept"] = {c: round(_mean(v), 2) for c, v in para.items()}
     return out
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(len(values), 1)

@@ -104,8 +104,9 @@ class RunOutputs:
 
         k = self.cfg.grid_seeds
         task = self.task
-        picks = [i for i, g in enumerate(self.groups) if g.name == "concept"]
-        picks += [i for i, g in enumerate(self.groups) if g.name == "paraphrase"][:1]
+        picks = [i for i, g in enumerate(self.groups) if g.name == "concept"]  # one row pair per erased concept
+        for c in task.concepts.concepts:
+            picks += [i for i, g in enumerate(self.groups) if g.name == "paraphrase" and g.target == c][:1]
         picks += [i for i, g in enumerate(self.groups) if g.name == "retain"][:4]
         rows = [(str(self.groups[i].cond) if self.kind == "sd" else f"class {self.groups[i].target}",
                  self.before_images[i][:k], self.after_images[i][:k]) for i in picks]

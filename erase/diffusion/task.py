@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from erase.diffusion.attention import AttentionStore, token_positions
-from erase.diffusion.concepts import ConceptSet, make_concepts
+from erase.diffusion.concepts import ConceptSet, make_concepts, read_concept_file, split_concepts
 from erase.diffusion.data import LatentSet, cached, generate, read_images
 from erase.diffusion.loading import DiffusionBase, load_base
 from erase.diffusion.outputs import RunOutputs, save_erased
@@ -37,7 +37,9 @@ class DiffusionConfig(TaskConfig):
     model: str = opt("fmnist-tiny-sd", "base model: a bundled name (fmnist-tiny-sd, fmnist-ddpm), a diffusers folder, "
                      "a .safetensors/.ckpt file or a hub id (the only case that uses the network)")
     original_config: str = opt("", "for a single .ckpt/.safetensors file offline: the model's original inference YAML")
-    concept: str = opt("", "the concept to erase, e.g. 'garbage truck' (for the bundled models: a class or synonym)")
+    concept: str = opt("", "the concept to erase, e.g. 'garbage truck' (for the bundled models: a class or synonym); "
+                       "several at once comma-separated: 'trouser,sneaker,bag'")
+    concept_file: str = opt("", "a text file of concepts to erase, one per line (instead of --concept)")
     retain_concepts: str = opt("", "comma-separated concepts to keep (default: the other classes / Imagenette classes)")
     paraphrases: str = opt("", "'|'-separated held-out prompts naming the concept (robustness check)")
     forget_images: str = opt("", "folder of concept images to use instead of generating them")
@@ -63,7 +65,15 @@ class DiffusionConfig(TaskConfig):
     batch_size_gen: int = opt(32, "images per batch when generating")
 
     def label(self) -> str:
-        return self.concept or "run"
+        return self.concept or Path(self.concept_file).stem or "run"
+
+    def concept_list(self) -> list[str]:
+        """The concepts named by --concept or --concept-file (exactly one of them)."""
+        if self.concept_file:
+            if self.concept:
+                raise EraseError("give --concept or --concept-file, not both")
+            return read_concept_file(self.concept_file)
+        return split_concepts(self.concept)
 
     def base_model(self) -> str:
         return self.model
@@ -72,7 +82,9 @@ class DiffusionConfig(TaskConfig):
 class DiffusionTask(DenoisingTask):
     name = "diffusion"
 
-    def __init__(self, cfg: DiffusionConfig, seed: int = 0, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: DiffusionConfig, seed: int = 0, device: str | torch.device = "cpu",
+                 streams: tuple[str, ...] = ("forget", "retain")):
+        """``streams``: the training data the run's method reads; only those images are generated."""
         self.cfg, self.seed = cfg, seed
         self.device = torch.device(device)
         if cfg.save_format == "lora" and cfg.lora_rank == 0:
@@ -84,7 +96,7 @@ class DiffusionTask(DenoisingTask):
         self.outputs: RunOutputs | None = None
         self._base_state: dict | None = None
         self.fmnist = Path(cfg.model).name in FMNIST_MODELS or cfg.model in FMNIST_MODELS
-        self.concepts: ConceptSet = make_concepts(cfg.concept, cfg.retain_concepts, cfg.paraphrases, self.fmnist,
+        self.concepts: ConceptSet = make_concepts(cfg.concept_list(), cfg.retain_concepts, cfg.paraphrases, self.fmnist,
                                                   self._ddpm_class_names() if self.kind == "ddpm" else None)
         self.guidance = cfg.guidance if cfg.guidance >= 0 else (4.0 if self.fmnist and self.kind == "sd"
                                                                  else 2.0 if self.kind == "ddpm" else 7.5)
@@ -94,12 +106,17 @@ class DiffusionTask(DenoisingTask):
             self._setup_ddpm_classes()
         else:
             self._setup_prompts()
-        self._build_data()
+        self.n_concepts = len(self.concepts.concepts)
+        if cfg.forget_images and self.n_concepts > 1:
+            raise EraseError("--forget-images holds one concept's images; with several concepts let erase generate "
+                             "them (drop --forget-images)")
+        self._build_data(streams)
 
     # -- conditions --------------------------------------------------------------------------------
     def _setup_prompts(self) -> None:
         cs = self.concepts
-        self.forget_prompts = [cs.prompt(cs.concept, t) for t in cs.templates]
+        self.forget_prompts = [cs.prompt(c, t) for c in cs.concepts for t in cs.templates]
+        self.forget_concept = [k for k in range(len(cs.concepts)) for _ in cs.templates]  # prompt -> concept index
         self.retain_prompts = [(r, cs.prompt(r, t)) for r in cs.retain for t in cs.templates]
         self.prompts = self.forget_prompts + [p for _, p in self.retain_prompts] + [""]
         self.null_prompt = len(self.prompts) - 1
@@ -125,8 +142,15 @@ class DiffusionTask(DenoisingTask):
 
     def _setup_ddpm_classes(self) -> None:
         self.null_class = self.base.unet.config.num_class_embeds - 1
-        self.concept_class = self.concepts.class_index[self.concepts.concept]
+        self.concept_classes = [self.concepts.class_index[c] for c in self.concepts.concepts]
         self.retain_classes = [self.concepts.class_index[r] for r in self.concepts.retain]
+        nxt = torch.arange(self.null_class + 1)
+        for c in self.concept_classes:
+            k = (c + 1) % self.null_class
+            while k in self.concept_classes:
+                k = (k + 1) % self.null_class
+            nxt[c] = k
+        self._next_kept_class = nxt
 
     def condition(self, batch_prompt: torch.Tensor) -> torch.Tensor:
         """Prompt indices -> text embeddings (SD); class labels pass through (DDPM)."""
@@ -138,9 +162,9 @@ class DiffusionTask(DenoisingTask):
         idx = self.null_class if self.kind == "ddpm" else self.null_prompt
         return self.condition(torch.full((n,), idx, dtype=torch.long, device=device))
 
-    def concept_condition(self, n: int, device) -> torch.Tensor:
-        """The erased concept's condition: its canonical prompt (SD) or class (DDPM)."""
-        idx = self.concept_class if self.kind == "ddpm" else 0
+    def concept_condition(self, n: int, device, concept: int = 0) -> torch.Tensor:
+        """The condition of erased concept number ``concept``: its first training prompt (SD) or its class (DDPM)."""
+        idx = self.concept_classes[concept] if self.kind == "ddpm" else self.forget_concept.index(concept)
         return self.condition(torch.full((n,), idx, dtype=torch.long, device=device))
 
     def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -149,12 +173,13 @@ class DiffusionTask(DenoisingTask):
         return model(x_t, t, encoder_hidden_states=cond.to(x_t.dtype)).sample
 
     # -- data --------------------------------------------------------------------------------------
-    def _build_data(self) -> None:
+    def _build_data(self, streams: tuple[str, ...]) -> None:
+        """The forget / retain images the method reads (generated by the base model, cached), and no others."""
         cfg, cs = self.cfg, self.concepts
         rng = random.Random(cfg.data_seed)
         base_seed = 1_000_000 * (cfg.data_seed + 1)
         if self.kind == "ddpm":
-            f_cond = [self.concept_class] * cfg.n_forget
+            f_cond = [self.concept_classes[i % self.n_concepts] for i in range(cfg.n_forget)]
             r_cond = [self.retain_classes[i % len(self.retain_classes)] for i in range(cfg.n_retain)]
             f_lab, r_lab = f_cond, r_cond
         else:
@@ -162,27 +187,31 @@ class DiffusionTask(DenoisingTask):
             order = list(range(len(self.retain_prompts)))
             rng.shuffle(order)
             r_cond = [len(self.forget_prompts) + order[i % len(order)] for i in range(cfg.n_retain)]
-            f_lab = [cs.class_index.get(cs.concept, -1)] * cfg.n_forget
+            f_lab = [cs.class_index.get(cs.concepts[self.forget_concept[c]], -1) for c in f_cond]
             r_lab = [cs.class_index.get(self.retain_prompts[c - len(self.forget_prompts)][0], -1) for c in r_cond]
-        if cfg.n_forget < 1 and not cfg.forget_images:
-            raise EraseError("--n-forget must be at least 1 (or pass --forget-images)")
         key = {"model": self.base.fingerprint, "kind": self.kind, "guidance": self.guidance, "steps": cfg.sample_steps}
-        if cfg.forget_images:
-            self.forget_set = self._from_folder(cfg.forget_images, f_cond[0], f_lab[0])
-        else:
-            seeds = [base_seed + i for i in range(cfg.n_forget)]
-            self.forget_set = cached({**key, "conds": self._cond_key(f_cond), "seeds": seeds},
-                                     lambda: generate(self._sampler(self.base.unet), f_cond, seeds, f_lab,
-                                                      cfg.batch_size_gen, "forget data"))
-        if cfg.retain_images:
-            self.retain_set = self._retain_from_folders(cfg.retain_images)
-        else:
-            seeds = [base_seed + 500_000 + i for i in range(cfg.n_retain)]
-            self.retain_set = cached({**key, "conds": self._cond_key(r_cond), "seeds": seeds},
-                                     lambda: generate(self._sampler(self.base.unet), r_cond, seeds, r_lab,
-                                                      cfg.batch_size_gen, "retain data"))
-        self.views = {"forget": DataView(self.forget_set), "retain": DataView(self.retain_set)}
-        self.eval_views = dict(self.views)
+        self.views = {}
+        if "forget" in streams:
+            if cfg.n_forget < 1 and not cfg.forget_images:
+                raise EraseError("--n-forget must be at least 1 (or pass --forget-images)")
+            if cfg.forget_images:
+                self.forget_set = self._from_folder(cfg.forget_images, f_cond[0], f_lab[0])
+            else:
+                seeds = [base_seed + i for i in range(cfg.n_forget)]
+                self.forget_set = cached({**key, "conds": self._cond_key(f_cond), "seeds": seeds},
+                                         lambda: generate(self._sampler(self.base.unet), f_cond, seeds, f_lab,
+                                                          cfg.batch_size_gen, "forget data"))
+            self.views["forget"] = DataView(self.forget_set)
+        if "retain" in streams:
+            if cfg.retain_images:
+                self.retain_set = self._retain_from_folders(cfg.retain_images)
+            else:
+                seeds = [base_seed + 500_000 + i for i in range(cfg.n_retain)]
+                self.retain_set = cached({**key, "conds": self._cond_key(r_cond), "seeds": seeds},
+                                         lambda: generate(self._sampler(self.base.unet), r_cond, seeds, r_lab,
+                                                          cfg.batch_size_gen, "retain data"))
+            self.views["retain"] = DataView(self.retain_set)
+        self.eval_views = self.views  # one dict: a view a method adds in setup (e.g. ca's anchors) is iterable too
 
     def _cond_key(self, conds: list[int]) -> list:
         return conds if self.kind == "ddpm" else [self.prompts[c] for c in conds]
@@ -292,20 +321,21 @@ class DiffusionTask(DenoisingTask):
         n, device = batch["prompt"].shape[0], batch["prompt"].device
         if self.kind == "ddpm":
             # SalUn's DDPM code (runners/diffusion.py, method "rl"): the prediction under the forgotten
-            # class is pulled to the stop-gradient prediction under the next class, (c + 1) mod classes.
-            pseudo = (self.concept_class + 1) % self.null_class
-            return {**batch, "target_prompt": torch.full((n,), pseudo, dtype=torch.long, device=device)}
+            # class is pulled to the stop-gradient prediction under the next class, (c + 1) mod classes;
+            # with several erased classes, the next class that is not erased.
+            return {**batch, "target_prompt": self._next_kept_class.to(device)[batch["prompt"]]}
         start = len(self.forget_prompts)
         others = torch.randint(start, start + len(self.retain_prompts), (n,), device=device)
         return {**batch, "target_prompt": others}
 
     # -- sampling for methods ----------------------------------------------------------------------
-    def partial_sample(self, unet, n: int, stop_after: int, steps: int, guidance: float, seeds: list[int]):
-        """x_t after ``stop_after`` of ``steps`` guided denoising steps under the concept, and its timestep."""
+    def partial_sample(self, unet, n: int, stop_after: int, steps: int, guidance: float, seeds: list[int],
+                       concept: int = 0):
+        """x_t after ``stop_after`` of ``steps`` guided denoising steps under erased concept ``concept``, and t."""
         if self.kind == "ddpm":
-            return sample_ddpm(unet, self.scheduler, [self.concept_class] * n, seeds, guidance, steps,
+            return sample_ddpm(unet, self.scheduler, [self.concept_classes[concept]] * n, seeds, guidance, steps,
                                self.null_class, stop_after=stop_after)
-        cond = self.concept_condition(n, self.device)
+        cond = self.concept_condition(n, self.device, concept)
         return sample_sd(self.base.pipe, unet, cond, self.null_condition(n, self.device), seeds, guidance, steps,
                          stop_after=stop_after)
 
@@ -321,9 +351,10 @@ class DiffusionTask(DenoisingTask):
         tok = self.base.pipe.tokenizer
         mask = torch.zeros(len(self.prompts), tok.model_max_length, dtype=torch.bool)
         for i, prompt in enumerate(self.forget_prompts):
-            pos = token_positions(tok, prompt, self.concepts.concept)
+            concept = self.concepts.concepts[self.forget_concept[i]]
+            pos = token_positions(tok, prompt, concept)
             if not pos:
-                raise EraseError(f"the concept {self.concepts.concept!r} is not a token run of the prompt {prompt!r}")
+                raise EraseError(f"the concept {concept!r} is not a token run of the prompt {prompt!r}")
             mask[i, pos] = True
         return mask
 

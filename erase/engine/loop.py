@@ -78,7 +78,6 @@ class Trainer:
     # -- the loop on one screen --------------------------------------------------------------------
     def run(self) -> dict:
         t0 = time.perf_counter()
-        self.check_streams()
         plan = self.plan()
         result = {"steps": plan.total, "phases": [{"name": p.name, "steps": p.steps} for p in plan.phases],
                   "setup_s": time.perf_counter() - t0}
@@ -115,7 +114,8 @@ class Trainer:
         if self.acc.is_main_process:
             ctx.output_dir.mkdir(parents=True, exist_ok=True)
         ctx.progress = self.settings.progress and self.acc.is_local_main_process
-        m.setup(ctx)
+        m.setup(ctx)  # may add a view the method builds itself (e.g. ca's anchor images)
+        self.check_streams()
         masks = m.parameter_masks(ctx)
         masker = ParameterMask(ctx.model, masks) if masks else None
         m.apply(ctx)

@@ -42,6 +42,9 @@ class TaskConfig:
 
 
 class Task(ABC):
+    """Constructed as ``TaskClass(config, seed=, device=, streams=)``; ``streams`` names the training
+    data the run's method reads, so a task can skip preparing data nobody uses."""
+
     name: ClassVar[str] = ""
     views: dict[str, DataView]
     # True when the model trains adapters (LoRA) rather than its own weights.
@@ -95,6 +98,8 @@ class DenoisingTask(Task):
 
     # Whether the model reads text through cross-attention (Stable Diffusion) or a class label (DDPM).
     has_cross_attention: bool = False
+    # How many concepts the run erases; methods that draw one concept per step index them 0..n-1.
+    n_concepts: int = 1
 
     @abstractmethod
     def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -105,13 +110,13 @@ class DenoisingTask(Task):
         """The unconditional condition (empty prompt, null class), ``n`` times."""
 
     @abstractmethod
-    def concept_condition(self, n: int, device) -> torch.Tensor:
-        """The erased concept's condition, ``n`` times."""
+    def concept_condition(self, n: int, device, concept: int = 0) -> torch.Tensor:
+        """Erased concept number ``concept``'s condition, ``n`` times."""
 
     @abstractmethod
     def partial_sample(self, model: nn.Module, n: int, stop_after: int, steps: int, guidance: float,
-                       seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_t, t) after ``stop_after`` of ``steps`` guided denoising steps under the concept."""
+                       seeds: list[int], concept: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, t) after ``stop_after`` of ``steps`` guided denoising steps under erased concept ``concept``."""
 
     @abstractmethod
     def base_weights(self, model: nn.Module) -> AbstractContextManager[nn.Module]:

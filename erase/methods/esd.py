@@ -89,29 +89,31 @@ class _ESD(Method):
         else:
             yield self.teacher
 
-    def target(self, ctx, x_t, t):
+    def target(self, ctx, x_t, t, concept: int = 0):
         task, n = ctx.task, x_t.shape[0]
         dev = x_t.device
         with torch.no_grad(), self._teacher(ctx) as teacher:
             tx = x_t.to(next(teacher.parameters()).dtype)
             e0 = task.predict(teacher, tx, t, task.null_condition(n, dev)).float()
-            ec = task.predict(teacher, tx, t, task.concept_condition(n, dev)).float()
+            ec = task.predict(teacher, tx, t, task.concept_condition(n, dev, concept)).float()
         return e0 - self.config.negative_guidance * (ec - e0)
 
     def losses(self, batch, ctx):
         cfg, task = self.config, ctx.task
         n = cfg.batch_size
+        # Several concepts: one drawn per step (drawn only then, so a one-concept run's random stream is unchanged).
+        k = int(torch.randint(0, task.n_concepts, (1,))) if task.n_concepts > 1 else 0
         stop = int(torch.randint(0, cfg.ddim_steps, (1,)))
         seeds = torch.randint(0, 2**31 - 1, (n,)).tolist()
         if cfg.sampler == "student":
-            x_t, t = task.partial_sample(ctx.unwrapped, n, stop, cfg.ddim_steps, cfg.sample_guidance, seeds)
+            x_t, t = task.partial_sample(ctx.unwrapped, n, stop, cfg.ddim_steps, cfg.sample_guidance, seeds, k)
         else:
             with self._teacher(ctx) as teacher:
-                x_t, t = task.partial_sample(teacher, n, stop, cfg.ddim_steps, cfg.sample_guidance, seeds)
+                x_t, t = task.partial_sample(teacher, n, stop, cfg.ddim_steps, cfg.sample_guidance, seeds, k)
         x_t = x_t.detach().to(ctx.device, torch.float32)
         t = torch.as_tensor(t, device=ctx.device).expand(n)
-        pred = task.predict(ctx.model, x_t, t, task.concept_condition(n, ctx.device))
-        return {"esd": F.mse_loss(pred.float(), self.target(ctx, x_t, t))}
+        pred = task.predict(ctx.model, x_t, t, task.concept_condition(n, ctx.device, k))
+        return {"esd": F.mse_loss(pred.float(), self.target(ctx, x_t, t, k))}
 
 
 @register_method("esd-x")
