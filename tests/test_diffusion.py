@@ -30,13 +30,14 @@ def models(tmp_path_factory):
             "ddpm": tiny_ddpm(root / "ddpm"), "bundled": "fmnist-tiny-sd"}
 
 
-def _task(model_dir, concept="garbage truck", **kw):
+def _task(model_dir, concept="garbage truck", streams=("forget", "retain"), **kw):
     from erase.diffusion.task import DiffusionConfig, DiffusionTask
 
-    retain = {"airplane": "", "trouser": "bag,coat"}.get(concept, "church,parachute")
+    retain = {"airplane": "", "airplane,automobile": "", "trouser": "bag,coat", "trouser,sneaker": "bag,coat"}.get(
+        concept, "church,parachute")
     cfg = DiffusionConfig(model=str(model_dir), concept=concept, n_forget=4, n_retain=4, sample_steps=2, eval_images=2,
                           retain_concepts=retain, **kw)
-    return DiffusionTask(cfg, seed=0)
+    return DiffusionTask(cfg, seed=0, streams=streams)
 
 
 def _ctx(task, tmp_path):

@@ -183,7 +183,9 @@ class DiffusionTask(DenoisingTask):
             r_cond = [self.retain_classes[i % len(self.retain_classes)] for i in range(cfg.n_retain)]
             f_lab, r_lab = f_cond, r_cond
         else:
-            f_cond = [i % len(self.forget_prompts) for i in range(cfg.n_forget)]
+            # Image i shows concept i mod n, so every concept gets its share of the forget set.
+            n_t = len(cs.templates)
+            f_cond = [(i % self.n_concepts) * n_t + (i // self.n_concepts) % n_t for i in range(cfg.n_forget)]
             order = list(range(len(self.retain_prompts)))
             rng.shuffle(order)
             r_cond = [len(self.forget_prompts) + order[i % len(order)] for i in range(cfg.n_retain)]
