@@ -22,6 +22,7 @@ from erase.engine.method import MethodConfig
 from erase.errors import EraseError
 from erase.fields import opt
 from erase.methods import get_method, list_methods
+from erase.storage import model_settings
 
 
 @dataclass
@@ -162,16 +163,7 @@ def resolve(run_layer: dict, task_layer: dict, method_layer: dict, file_cfg: dic
 
 def model_recipe(model: str, method: str) -> dict:
     """Hyper-parameters a model folder recommends for ``method`` (``erase.yaml``: ``methods: {name: {...}}``)."""
-    if not model:
-        return {}
-    from erase.storage import ZOO_DIR
-
-    for folder in (Path(model).expanduser(), ZOO_DIR / model):
-        f = folder / "erase.yaml"
-        if f.is_file():
-            data = yaml.safe_load(f.read_text()) or {}
-            return dict((data.get("methods") or {}).get(method) or {})
-    return {}
+    return dict((model_settings(model).get("methods") or {}).get(method) or {})
 
 
 def build_parser(method_name: str | None, task_name: str, prog: str, description: str) -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -148,3 +149,20 @@ def load_png(path: Path) -> torch.Tensor:
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+
+
+def model_settings(model: str) -> dict:
+    """A model folder's ``erase.yaml`` (recommended recipes, Concept Ablation anchors), or {} if it has none."""
+    if not model:
+        return {}
+    for folder in (Path(model).expanduser(), ZOO_DIR / model):
+        f = folder / "erase.yaml"
+        if f.is_file():
+            try:
+                data = yaml.safe_load(f.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise EraseError(f"{f} is not valid YAML: {str(err).splitlines()[0]}") from None
+            if not isinstance(data, dict):
+                raise EraseError(f"{f}: expected a mapping with 'methods' (and optionally 'anchors')")
+            return data
+    return {}

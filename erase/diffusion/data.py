@@ -37,6 +37,18 @@ class LatentSet:
         return {"latents": self.latents[idx], "prompt": self.prompt[idx], "label": self.label[idx], "index": idx}
 
 
+class PairedSet(LatentSet):
+    """Examples trained under one condition toward another: adds "target_prompt" to every batch."""
+
+    def __init__(self, latents: torch.Tensor, prompt: torch.Tensor, target_prompt: torch.Tensor):
+        super().__init__(latents, prompt, torch.full_like(prompt, -1))
+        self.target_prompt = target_prompt.long()
+
+    def get_batch(self, indices) -> dict:
+        batch = super().get_batch(indices)
+        return {**batch, "target_prompt": self.target_prompt[batch["index"]]}
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ERASE_CACHE", Path.home() / ".cache" / "erase")) / "data"
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from erase import captions
 from erase.diffusion.attention import AttentionStore, token_positions
 from erase.diffusion.concepts import ConceptSet, make_concepts, read_concept_file, split_concepts
-from erase.diffusion.data import LatentSet, cached, generate, read_images
+from erase.diffusion.data import LatentSet, PairedSet, cached, generate, read_images
 from erase.diffusion.loading import DiffusionBase, load_base
 from erase.diffusion.outputs import RunOutputs, save_erased
 from erase.diffusion.sampling import decode_sd, encode_sd, sample_ddpm, sample_sd
@@ -28,6 +29,7 @@ from erase.engine.streams import DataView
 from erase.engine.task import DenoisingTask, TaskConfig
 from erase.errors import EraseError
 from erase.fields import opt
+from erase.storage import model_settings
 
 FMNIST_MODELS = ("fmnist-tiny-sd", "fmnist-ddpm")
 
@@ -214,6 +216,57 @@ class DiffusionTask(DenoisingTask):
                                                           cfg.batch_size_gen, "retain data"))
             self.views["retain"] = DataView(self.retain_set)
         self.eval_views = self.views  # one dict: a view a method adds in setup (e.g. ca's anchors) is iterable too
+
+    # -- Concept Ablation's data ---------------------------------------------------------------------------
+    def default_anchor(self, concept: str) -> str:
+        """The anchor the model's erase.yaml names for ``concept`` ('' if none)."""
+        anchors = model_settings(self.cfg.model).get("anchors") or {}
+        return str(anchors.get(concept, ""))
+
+    def canonical(self, name: str) -> str:
+        """A concept name as this task spells it (bundled models: the class a synonym belongs to)."""
+        if self.fmnist or self.kind == "ddpm":
+            names = {k.lower(): k for k in self.concepts.class_index}
+            for k, syn in (captions.CLASS_NAMES.items() if self.fmnist else ()):
+                names.update({s.lower(): k for s in syn})
+            if name.strip().lower() not in names:
+                raise EraseError(f"unknown class {name!r}; this model's classes: {', '.join(self.concepts.class_index)}")
+            return names[name.strip().lower()]
+        return name.strip()
+
+    def anchor_view(self, anchors: list[str], n: int) -> DataView:
+        """Concept Ablation's data: ``n`` base-model images of each erased concept's anchor (cached), each
+        paired with the erased concept's prompt in ``prompt`` and the anchor's in ``target_prompt``, so that
+        ``loss`` pulls the concept's prediction to the (stop-gradient) anchor prediction on anchor images."""
+        k_of = [i % self.n_concepts for i in range(n)]
+        if self.kind == "ddpm":
+            anchor_cls = [self.concepts.class_index[a] for a in anchors]
+            conds = [anchor_cls[k] for k in k_of]
+            targets = [self.concept_classes[k] for k in k_of]
+            key_conds = conds
+        else:
+            n_t = len(self.concepts.templates)
+            tmpl = [(i // self.n_concepts) % n_t for i in range(n)]
+            wanted = [self.concepts.prompt(anchors[k], self.concepts.templates[j]) for k, j in zip(k_of, tmpl)]
+            conds = self.prompt_indices(wanted)
+            targets = [k * n_t + j for k, j in zip(k_of, tmpl)]  # the erased concept's prompt, same template
+            key_conds = wanted
+        seeds = [1_000_000 * (self.cfg.data_seed + 1) + 750_000 + i for i in range(n)]
+        labels = [self.concepts.class_index.get(anchors[k], -1) for k in k_of]
+        key = {"model": self.base.fingerprint, "kind": self.kind, "guidance": self.guidance,
+               "steps": self.cfg.sample_steps, "conds": key_conds, "seeds": seeds}
+        images = cached(key, lambda: generate(self._sampler(self.base.unet), conds, seeds, labels,
+                                              self.cfg.batch_size_gen, "anchor data"))
+        # The view's "prompt" is what the model is trained under; "target_prompt" what it should predict like.
+        return DataView(PairedSet(images.latents, torch.tensor(targets), torch.tensor(conds)))
+
+    def prompt_indices(self, prompts: list[str]) -> list[int]:
+        """Indices of ``prompts`` in the task's prompt table, encoding (and adding) the ones it lacks."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self.prompts]
+        if new:
+            self.prompts.extend(new)
+            self.embeds = torch.cat([self.embeds, self.encode(new)])
+        return [self.prompts.index(p) for p in prompts]
 
     def _cond_key(self, conds: list[int]) -> list:
         return conds if self.kind == "ddpm" else [self.prompts[c] for c in conds]
