@@ -85,10 +85,11 @@ def test_benchmark_tiny_end_to_end(tmp_path):
     assert rows["retrain"]["summary"]["avg_gap"]["mean"] == 0.0
     ft = rows["ft"]
     assert ft["status"] == "done" and len(ft["tuning"]) == 2 and ft["summary"]["n"] == 1
-    assert {"UA", "RA", "TA", "MIA", "avg_gap", "RTE_s", "RTE_ratio"} <= set(ft["summary"])
+    assert {"UA", "RA", "TA", "MIA", "MIA_se", "avg_gap", "RTE_s", "RTE_ratio"} <= set(ft["summary"])
+    assert ft["seeds"][0]["MIA_se"] >= 0
     assert rows["ga"]["status"] == "failed" and rows["ga"]["error"]
     md = res.with_suffix(".md").read_text()
-    assert "| ft |" in md and "failed" in md and "budget rule" in md
+    assert "| ft |" in md and "failed" in md and "budget rule" in md and "| MIA | MIA se |" in md
     assert (res.parent / "bench_gaps.png").stat().st_size > 1000
     # rerun: every run is read back, nothing is trained again
     assert main(argv) == 0

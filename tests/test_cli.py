@@ -68,6 +68,7 @@ def test_pretrain_retrain_and_evaluate(tmp_path, original, capsys):
     assert rows[0]["method"] == "retrain" and rows[0]["avg_gap"] == 0.0 and rows[1]["method"] == "ft"
     ft = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert rows[1]["UA"] == ft["UA"]  # the values themselves, not their gaps
+    assert rows[1]["MIA_se"] == ft["MIA_se"] and "MIA_se" in out  # MIA's standard error sits beside it
     ret = json.loads((tmp_path / "retrain" / "metrics.json").read_text())
     assert rows[1]["gap_UA"] == pytest.approx(abs(ft["UA"] - ret["UA"]), abs=1e-3)
 

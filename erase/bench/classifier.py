@@ -287,6 +287,8 @@ def _seed_row(rec: dict, ref: dict | None, seed: int) -> dict:
         return row
     m, r = rec["metrics"], rec["run"]
     row.update({k: m[k] for k in METRIC_KEYS if k in m})
+    if m.get("MIA_se") is not None:  # runs evaluated before MIA had a standard error have none
+        row["MIA_se"] = m["MIA_se"]
     row.update({"RTE_s": r["total_s"], "setup_s": r.get("setup_s"), "steps": r["steps"], "eval_s": m.get("eval_s"),
                 "wall_s": rec.get("bench", {}).get("wall_s"), "loadavg": rec.get("bench", {}).get("loadavg_start")})
     if "forget_class_test_acc" in m:
@@ -300,7 +302,7 @@ def _seed_row(rec: dict, ref: dict | None, seed: int) -> dict:
 
 
 def _aggregate(rows: list[dict]) -> dict:
-    keys = ["UA", "RA", "TA", "MIA", "gap_UA", "gap_RA", "gap_TA", "gap_MIA", "avg_gap", "RTE_s", "RTE_ratio", "steps",
+    keys = ["UA", "RA", "TA", "MIA", "MIA_se", "gap_UA", "gap_RA", "gap_TA", "gap_MIA", "avg_gap", "RTE_s", "RTE_ratio", "steps",
             "forget_class_test_acc"]
     out = {"n": sum(r["status"] == "done" for r in rows)}
     for k in keys:
@@ -463,8 +465,10 @@ def markdown(data: dict) -> str:
         if data.get("load") else "- machine load: not recorded",
         "- RTE = the method's unlearning wall time (setup such as saliency masks included, evaluation excluded); "
         "RTE ratio = RTE / retrain's wall time, both measured in this benchmark on this machine",
-        "- MIA = MIA-efficacy (SVC on the true-label probability, retain vs test, share of the forget set called "
-        "non-member); UA = 100 − forget accuracy; all ×100",
+        "- MIA = MIA-efficacy (SVC on the true-label probability, every retain image vs the test images, share of the "
+        "forget set called non-member), the mean over the attack's balanced resampling draws; MIA se = its standard "
+        "error over those draws, averaged over seeds (how much the resampling alone moves one run's MIA, next to the "
+        "± over seeds); UA = 100 − forget accuracy; all ×100",
         "",
     ]
     orig = data.get("original")
@@ -474,7 +478,7 @@ def markdown(data: dict) -> str:
         lines.append("")
     for scenario, sc in data["scenarios"].items():
         lines += [f"## {scenario_title(scenario)}", ""]
-        cols = ["method", "UA", "RA", "TA", "MIA", "avg gap", "RTE (s)", "RTE / retrain", "tuned", "steps"]
+        cols = ["method", "UA", "RA", "TA", "MIA", "MIA se", "avg gap", "RTE (s)", "RTE / retrain", "tuned", "steps"]
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|---|" + "|".join("---:" for _ in cols[1:]) + "|")
         order = sorted(sc["rows"].items(), key=lambda kv: _sort_key(kv[0], kv[1]))
@@ -495,9 +499,11 @@ def markdown(data: dict) -> str:
                 vals = ", ".join(f"{f} {row['chosen'][f]:.3g}" for f in fields[:2] if f in row["chosen"])
                 lr_txt = f"×{row.get('chosen_lr_mult', 1):.3g}" + (f": {vals}" if vals else "") + (" …" if len(fields) > 2 else "")
             steps = summ.get("steps", {}).get("mean")
+            mia_se = summ.get("MIA_se", {}).get("mean")
+            mia_se = "—" if mia_se is None else f"{mia_se:.2f}"
             n = summ["n"]
             nm = name if n == data["settings"]["seeds"] else f"{name} ({n}/{data['settings']['seeds']} seeds)"
-            lines.append(f"| {nm} | {pm('UA')} | {pm('RA')} | {pm('TA')} | {pm('MIA')} | {pm('avg_gap')} | "
+            lines.append(f"| {nm} | {pm('UA')} | {pm('RA')} | {pm('TA')} | {pm('MIA')} | {mia_se} | {pm('avg_gap')} | "
                          f"{pm('RTE_s', 1)} | {pm('RTE_ratio', 3)} | {lr_txt} | {'' if steps is None else f'{steps:.0f}'} |")
         lines.append("")
         if NOISE_ROW in sc["rows"]:

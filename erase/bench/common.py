@@ -265,7 +265,7 @@ def add_setup_flags(p: argparse.ArgumentParser, d: ClassifierSettings) -> None:
     p.add_argument("--dataset", help=f"dataset (default {d.dataset})")
     p.add_argument("--limit-train", type=int, help=f"training images used (default {d.limit_train})")
     p.add_argument("--limit-test", type=int, help=f"test images used (default {d.limit_test})")
-    p.add_argument("--eval-max-retain", type=int, help=f"retain images for RA and the MIA members (default {d.eval_max_retain})")
+    p.add_argument("--eval-max-retain", type=int, help=f"retain images for RA; MIA uses every retain image (default {d.eval_max_retain})")
     p.add_argument("--epochs", type=float, help=f"epochs of the original and of retrain (default {d.epochs:g})")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="flip + shift augmentation in every training stream (default: off, so the original memorises "

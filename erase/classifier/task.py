@@ -32,7 +32,7 @@ class ClassifierConfig(TaskConfig):
     pad_to: int = opt(0, "zero-pad images to this size (0: keep; the bundled evaluator uses 32)")
     augment: bool = opt(True, "random flip + shift on training batches (as in the original recipe)")
     eval_batch_size: int = opt(512, "batch size for evaluation and gradient statistics")
-    eval_max_retain: int = opt(0, "if > 0, estimate RA on this many random retain examples")
+    eval_max_retain: int = opt(0, "if > 0, estimate RA on this many random retain examples (MIA uses them all)")
     limit_train: int = opt(0, "if > 0, use only the first N training images (quick runs and tests)")
     limit_test: int = opt(0, "if > 0, use only the first N test images")
 
@@ -154,16 +154,20 @@ class ClassifierTask(ClassificationTask):
         from erase.metrics.classifier import unlearning_metrics
 
         views = {k: v for k, v in self.eval_views.items() if len(v)}
+        ra_rows = None
         if self.cfg.eval_max_retain and len(views["retain"]) > self.cfg.eval_max_retain:
             g = torch.Generator().manual_seed(self.seed)
-            pick = torch.randperm(len(views["retain"]), generator=g)[: self.cfg.eval_max_retain]
-            views["retain"] = DataView(self.train_set, self.split.retain[pick.sort().values])
+            pick = torch.randperm(len(views["retain"]), generator=g)[: self.cfg.eval_max_retain].sort().values
+            if "forget" in views:  # MIA's members are every retain example: predict them all, RA reads its rows
+                ra_rows = pick
+            else:
+                views["retain"] = DataView(self.train_set, self.split.retain[pick])
         preds = {name: self.probabilities(model, v, device) for name, v in views.items()}
-        metrics = unlearning_metrics(preds, seed=self.seed)
+        metrics = unlearning_metrics(preds, seed=self.seed, ra_rows=ra_rows)
         metrics["settings"] = {
             "dataset": self.cfg.dataset, "forget": self.split.spec,
             "n_forget": len(self.split.forget), "n_retain": len(self.split.retain),
-            "n_test": len(self.split.test), "ra_examples": len(views["retain"]),
+            "n_test": len(self.split.test), "ra_examples": len(views["retain"]) if ra_rows is None else len(ra_rows),
             "test_set": "test examples of the kept classes" if self.split.forget_classes else "full test set",
         }
         return metrics

@@ -25,6 +25,8 @@ def compare_runs(runs: list[dict], retrain: dict | None) -> list[dict]:
         if missing:
             raise EraseError(f"{r['path']} has no {missing} (was anything forgotten?)")
         row = {"method": r["method"], "path": r["path"], **{k: m[k] for k in GAP_KEYS}}
+        if m.get("MIA_se") is not None:  # runs evaluated before MIA had a standard error have none
+            row["MIA_se"] = m["MIA_se"]
         if retrain is not None:
             gaps = gap_to_retrain(m, retrain["metrics"])
             row.update({f"gap_{k}": v for k, v in gaps.items() if k != "avg_gap"})
@@ -35,7 +37,7 @@ def compare_runs(runs: list[dict], retrain: dict | None) -> list[dict]:
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    columns = columns or [c for c in ["method", *GAP_KEYS, "avg_gap", "RTE_s", "RTE_ratio"] if any(c in r for r in rows)]
+    columns = columns or [c for c in ["method", *GAP_KEYS, "MIA_se", "avg_gap", "RTE_s", "RTE_ratio"] if any(c in r for r in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if c == "method" else "---:" for c in columns) + "|"]
     for r in rows:
         cells = [(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in columns]
