@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,8 @@ class RunConfig:
     output_dir: str = opt("", "where the run writes its model, metrics and checkpoints (default: runs/<method>-<target>)")
     seed: int = opt(0, "random seed of the run (data order, random labels, initialisation)")
     overwrite: bool = opt(False, "replace a finished run already in --output-dir")
-    resume: bool = opt(False, "continue an interrupted run from its latest checkpoint in --output-dir")
+    resume: bool = opt(False, "continue an interrupted run from its latest checkpoint in --output-dir "
+                              "(refused when other settings differ from the run's config.yaml)")
     grad_accum: int = opt(1, "micro-batches accumulated per optimiser step")
     mixed_precision: str = opt("no", "mixed precision through accelerate", ("no", "fp16", "bf16"))
     checkpoint_every: int = opt(0, "optimiser steps between checkpoints (0: at the end of each phase only)")
@@ -47,7 +49,8 @@ def task_registry() -> dict[str, tuple[type, type]]:
     from erase.classifier.task import ClassifierConfig, ClassifierTask
     from erase.diffusion.task import DiffusionConfig, DiffusionTask
 
-    return {"classifier": (ClassifierConfig, ClassifierTask), "diffusion": (DiffusionConfig, DiffusionTask)}
+    # The flagship first: --help shows the task groups in this order.
+    return {"diffusion": (DiffusionConfig, DiffusionTask), "classifier": (ClassifierConfig, ClassifierTask)}
 
 
 @dataclass
@@ -68,6 +71,34 @@ class Resolved:
         atomic_write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), path)
 
 
+# Settings a resumed run may change: how the output folder is treated and what is shown, logged or
+# checkpointed, none of which changes a weight (resume is bit-identical at any checkpoint cadence).
+# Everything else, evaluation settings included, must match: config.yaml describes the whole run.
+RESUME_MAY_CHANGE = frozenset({"run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.log_every",
+                               "run.report_to", "run.checkpoint_every", "run.keep_checkpoints"})
+
+
+def diff_configs(saved: dict, new: dict, ignore: frozenset[str] = RESUME_MAY_CHANGE) -> list[str]:
+    """``"section.key: saved -> new"`` for every setting that differs between two resolved configs.
+
+    Both sides go through YAML first, so a config compares equal to the ``config.yaml`` it wrote.
+    """
+    a, b = (_flatten(yaml.safe_load(yaml.safe_dump(d))) for d in (saved, new))
+    missing = "<absent>"
+    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(a.keys() | b.keys())
+            if k not in ignore and a.get(k, missing) != b.get(k, missing)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):  # an empty mapping adds no keys: {} and {x: 1} differ in x alone
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 # -- argparse generated from the dataclasses ------------------------------------------------------
 
 def _flag(name: str) -> str:
@@ -83,10 +114,12 @@ def add_fields(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: t
         t = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "")
+        # Say the default unless the help text already explains it ("default: diffusion when ...").
+        told = "(default" in help_text
         kwargs = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS}
         if t is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
-                                help=f"{help_text} (default: {default})", **kwargs)
+                                help=help_text if told else f"{help_text} (default: {default})", **kwargs)
             continue
         if t is dict or typing.get_origin(t) is dict:
             kwargs["type"] = _yaml_mapping
@@ -99,7 +132,8 @@ def add_fields(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: t
             metavar = t.__name__.upper()
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(_flag(f.name), metavar=metavar, help=f"{help_text} (default: {default!r})", **kwargs)
+        parser.add_argument(_flag(f.name), metavar=metavar,
+                            help=help_text if told else f"{help_text} (default: {default!r})", **kwargs)
 
 
 def _yaml_mapping(text: str) -> dict:
@@ -166,28 +200,38 @@ def model_recipe(model: str, method: str) -> dict:
     return dict((model_settings(model).get("methods") or {}).get(method) or {})
 
 
-def build_parser(method_name: str | None, task_name: str, prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
+USAGE = "%(prog)s [--concept TEXT | --forget SPEC --original MODEL] [--method NAME] [flags]"
+
+
+def build_parser(method_name: str | None, task_name: str | None, prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser for ``task_name``; ``task_name=None`` (``--help`` without a task) shows every task's flags."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, usage=USAGE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="YAML", help="YAML file with run / <task> / method sections; flags override it")
     parser.add_argument("--list-methods", action="store_true", help="print the registered methods for the task and exit")
     add_fields(parser.add_argument_group("run"), RunConfig, "run")
     tasks = task_registry()
+    selects = {"diffusion": " (selected by --concept)", "classifier": " (the default without --concept)"}
     for name, (cfg_cls, _) in tasks.items():
-        if name == task_name:
-            add_fields(parser.add_argument_group(f"{name} task"), cfg_cls, name)
+        if task_name in (None, name):
+            add_fields(parser.add_argument_group(f"{name} task{selects.get(name, '') if task_name is None else ''}"),
+                       cfg_cls, name)
     if method_name:
         cls = get_method(method_name, task_name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        group = parser.add_argument_group(f"method {cls.name}", doc or None)
-        add_fields(group, cls.Config, "method")
+        # The defaults printed per flag are the method's own; say which ones a task replaces.
+        overrides = [f"on {t} these defaults apply instead: " + ", ".join(f"{_flag(k)} {v}" for k, v in d.items())
+                     for t, d in cls.task_defaults.items() if task_name in (None, t)]
+        text = "\n".join(x for x in [doc, *overrides] if x)
+        add_fields(parser.add_argument_group(f"method {cls.name}", text or None), cls.Config, "method")
     else:
-        parser.epilog = (f"methods for {task_name}: {', '.join(list_methods(task_name))}\n"
-                         "Add --method NAME to --help to see that method's own flags (lr, epochs, ...).")
+        listing = [f"methods for {t}: {', '.join(list_methods(t))}" for t in tasks if task_name in (None, t)]
+        parser.epilog = "\n".join([*listing, "Add --method NAME to --help to see that method's own flags (lr, epochs, ...)."])
     return parser
 
 
 def parse_cli(argv: list[str] | None, prog: str = "erase/train.py", description: str = "") -> tuple[Resolved, argparse.Namespace]:
+    argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method")
     pre.add_argument("--task")
@@ -195,13 +239,19 @@ def parse_cli(argv: list[str] | None, prog: str = "erase/train.py", description:
     pre.add_argument("--concept")
     known, _ = pre.parse_known_args(argv)
     file_cfg = load_yaml(known.config)
-    task_name = known.task or file_cfg.get("run", {}).get("task") or ("diffusion" if known.concept else "classifier")
-    if task_name not in task_registry():
-        raise EraseError(f"unknown task {task_name!r}; choose one of: {', '.join(task_registry())}")
+    chosen = known.task or file_cfg.get("run", {}).get("task") or ("diffusion" if known.concept else None)
+    if chosen is not None and chosen not in task_registry():
+        raise EraseError(f"unknown task {chosen!r}; choose one of: {', '.join(task_registry())}")
     method_name = known.method or file_cfg.get("method", {}).get("name") or file_cfg.get("run", {}).get("method")
+    if "-h" in argv or "--help" in argv:
+        # Help before a task is chosen shows every task's flags, so `--help` alone finds --concept.
+        help_task = chosen
+        if method_name and chosen is None:
+            supported = [t for t in task_registry() if t in get_method(method_name).tasks]
+            help_task = supported[0] if len(supported) == 1 else None
+        build_parser(method_name, help_task, prog, description).parse_args(argv)  # prints the help and exits
+    task_name = chosen or "classifier"
     parser = build_parser(method_name or RunConfig.method, task_name, prog, description)
-    if method_name is None and ("-h" in (argv or []) or "--help" in (argv or [])):
-        parser = build_parser(None, task_name, prog, description)
     ns = parser.parse_args(argv)
     layers: dict[str, dict] = {"run": {}, task_name: {}, "method": {}}
     for dest, value in vars(ns).items():

@@ -169,9 +169,9 @@ def run_folder_defaults(run) -> dict | None:
 def compare_main(argv=None) -> int:
     from pathlib import Path
 
+    args = build_parser().parse_args(argv)  # first, so --help does not wait for torch and torchmetrics
     from erase.metrics.report import compare_runs, load_run, markdown_table, write_report
 
-    args = build_parser().parse_args(argv)
     runs = [load_run(p) for p in args.runs]
     retrain = load_run(args.retrain) if args.retrain else None
     forget = {r["metrics"].get("settings", {}).get("forget") for r in runs + ([retrain] if retrain else [])}

@@ -41,6 +41,13 @@ def default_output_dir(r: Resolved) -> Path:
 
 
 def prepare_output_dir(out: Path, r: Resolved) -> None:
+    import sys
+
+    from accelerate.utils.environment import get_int_from_env
+
+    from erase.config import diff_configs, load_yaml
+    from erase.engine.checkpoint import latest_checkpoint
+
     finished = (out / "run.json").is_file()
     interrupted = (out / "checkpoints").is_dir() and not finished
     base = r.task.base_model()
@@ -51,6 +58,17 @@ def prepare_output_dir(out: Path, r: Resolved) -> None:
     if r.run.resume:
         if finished:
             raise EraseError(f"{out} holds a finished run; nothing to resume (use --overwrite to redo it)")
+        if latest_checkpoint(out / "checkpoints") is None:
+            # Not an error: "--resume" in a restart script must also work for the first start.
+            if get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"], 0) == 0:  # once, before accelerate is up
+                print(f"--resume: no checkpoint in {out}; starting a fresh run", file=sys.stderr)
+            return
+        saved = out / "config.yaml"
+        changed = diff_configs(load_yaml(str(saved)), r.to_dict()) if saved.is_file() else []
+        if changed:  # steps before and after the checkpoint would have run under different settings
+            shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+            raise EraseError(f"--resume: the run in {out} was started with other settings ({shown}); "
+                             "resume with the original flags, or start over with --overwrite")
         return
     if (finished or interrupted) and not r.run.overwrite:
         what = "a finished run" if finished else "an interrupted run (continue it with --resume)"

@@ -1,7 +1,7 @@
-"""Unlearn: ``accelerate launch erase/train.py --method salun --forget class:1 --original MODEL``.
+"""Erase a concept or unlearn data: ``accelerate launch erase/train.py --concept trouser``.
 
 Also runs as ``python erase/train.py`` and ``python -m erase.train``. ``--help`` lists every
-flag; ``--method NAME --help`` adds that method's own flags.
+flag of both tasks; ``--method NAME --help`` adds that method's own flags.
 """
 
 import sys
@@ -13,10 +13,13 @@ if __name__ == "__main__" and not __package__:
     if os.path.abspath(sys.path[0]) == _here:  # don't let erase/*.py shadow other modules
         sys.path[0] = os.path.dirname(_here)
 
-DESCRIPTION = """Remove data (classifier) or a concept (diffusion) from a trained model.
+DESCRIPTION = """Remove a concept (diffusion) or data (classifier) from a trained model.
 
 examples:
-  python -m erase.classifier.pretrain --output-dir runs/original           # train an original model
+  accelerate launch erase/train.py --concept trouser          # SalUn on the bundled tiny Stable Diffusion
+  accelerate launch erase/train.py --concept trouser --method esd-u --output-dir runs/esd-u-trouser
+  accelerate launch erase/train.py --concept "garbage truck" --method esd-x --model CompVis/stable-diffusion-v1-4
+  python -m erase.classifier.pretrain --output-dir runs/original    # a classifier to unlearn from
   accelerate launch erase/train.py --method salun --forget class:1 --original runs/original
   accelerate launch erase/train.py --method retrain --forget class:1 --original runs/original
 """
