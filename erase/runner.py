@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from accelerate.utils.environment import get_int_from_env
 
-from erase.config import Resolved, task_registry
+from erase.config import Resolved, diff_configs, load_yaml, task_registry
 from erase.engine import LoopSettings, RunContext, run_method
+from erase.engine.checkpoint import latest_checkpoint
 from erase.errors import EraseError
 from erase.storage import ZOO_DIR, atomic_write_json, atomic_write_text
 
@@ -41,13 +44,6 @@ def default_output_dir(r: Resolved) -> Path:
 
 
 def prepare_output_dir(out: Path, r: Resolved) -> None:
-    import sys
-
-    from accelerate.utils.environment import get_int_from_env
-
-    from erase.config import diff_configs, load_yaml
-    from erase.engine.checkpoint import latest_checkpoint
-
     finished = (out / "run.json").is_file()
     interrupted = (out / "checkpoints").is_dir() and not finished
     base = r.task.base_model()

@@ -148,12 +148,6 @@ def test_resumed_run_does_not_repeat_log_lines(tmp_path):
     assert logged == list(range(1, 10))
 
 
-def test_resume_on_an_empty_folder_starts_fresh(tmp_path, capsys):
-    cfg = MethodConfig(batch_size=16, max_steps=3, lr=0.05)
-    _, info = _run(tmp_path, cfg, settings={"resume": True})
-    assert info["steps"] == 3 and "starting from step 0" in capsys.readouterr().out
-
-
 def test_checkpoints_are_pruned_and_logged(tmp_path):
     cfg = MethodConfig(batch_size=16, max_steps=6, lr=0.05)
     _run(tmp_path, cfg, settings={"checkpoint_every": 1, "keep_checkpoints": 2, "log_every": 2})

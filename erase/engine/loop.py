@@ -145,8 +145,7 @@ class Trainer:
         if not self.settings.resume:
             return 0
         ck = self.checkpoints.latest()
-        if ck is None:
-            self.acc.print(f"--resume: no checkpoint in {self.checkpoints.root}; starting from step 0")
+        if ck is None:  # the runner has said so already: "--resume" also serves a first start
             return 0
         state = self.checkpoints.load(ck, self.acc.unwrap_model(self.model), self.optimizers)
         start = int(state["step"])
