@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from erase.classifier.data import DATASET_STATS, load_dataset, parse_forget_spec
+from erase.classifier.data import DATASET_STATS, DATASETS, dataset_key, load_dataset, parse_forget_spec
 from erase.classifier.models import ResNet18, ResNetConfig, build_model, load_classifier, save_classifier
 from erase.engine.streams import DataView, move_to
 from erase.errors import EraseError
@@ -35,6 +35,21 @@ class ClassifierConfig:
     eval_max_retain: int = opt(0, "if > 0, estimate RA on this many random retain examples")
     limit_train: int = opt(0, "if > 0, use only the first N training images (quick runs and tests)")
     limit_test: int = opt(0, "if > 0, use only the first N test images")
+
+    def validate(self) -> None:
+        """Range checks: a bad value fails while the config is resolved, before any data or model loads."""
+        for name, low in (("width", 1), ("pad_to", 0), ("eval_batch_size", 1), ("eval_max_retain", 0),
+                          ("limit_train", 0), ("limit_test", 0)):
+            value = getattr(self, name)
+            if value < low:
+                raise EraseError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        if dataset_key(self.dataset) not in DATASETS:
+            raise EraseError(f"unknown --dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
+        if not self.forget.strip():
+            raise EraseError("--forget is empty: use random:0.1, class:3 or indices:FILE")
+        if self.data_root and not self.download and not Path(self.data_root).expanduser().is_dir():
+            raise EraseError(f"--data-root {self.data_root} does not exist (or is not a folder); add --download "
+                             "to fetch the dataset into it")
 
 
 class ClassifierTask:
@@ -159,6 +174,8 @@ class ClassifierTask:
             "n_test": len(self.split.test), "ra_examples": len(views["retain"]),
             "test_set": "test examples of the kept classes" if self.split.forget_classes else "full test set",
         }
+        if self.split.duplicates_dropped:
+            metrics["settings"]["duplicate_ids_dropped"] = self.split.duplicates_dropped
         return metrics
 
     def describe(self) -> dict:

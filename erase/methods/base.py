@@ -51,15 +51,36 @@ class MethodConfig:
     loss_weights: dict = opt({}, "override weights of named loss terms, e.g. {forget_ce: -1.0}")
 
     def validate(self) -> None:
+        """Range checks shared by every method; a subclass adds its own and calls ``super().validate()``.
+
+        Everything here needs only the config, so a bad value fails before any model loads or any
+        image is generated. Each message names the flag.
+        """
         from erase.errors import EraseError
+
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
 
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value not in choices:
-                raise EraseError(f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, got {value!r}")
-        if self.lr < 0 or self.batch_size < 1 or self.epochs < 0:
-            raise EraseError("lr must be >= 0, batch size >= 1 and epochs >= 0")
+                raise EraseError(f"{flag(f.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise EraseError(f"{flag(f.name)} must be a finite number, got {value}")
+        for name, low in (("batch_size", 1), ("max_steps", 0), ("epochs", 0), ("lr", 0), ("warmup_steps", 0),
+                          ("momentum", 0), ("weight_decay", 0), ("max_grad_norm", 0)):
+            if getattr(self, name) < low:
+                raise EraseError(f"{flag(name)} must be >= {low}, got {getattr(self, name)}")
+        for term, weight in self.loss_weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise EraseError(f"--loss-weights: the weight of {term!r} must be a finite number, got {weight!r}")
+        # Methods whose length is not --epochs (a fixed number of steps, stages, or none at all for a
+        # closed-form edit) name the fields that set it, or none, in ``length_fields``.
+        length = getattr(type(self), "length_fields", ("epochs",))
+        if length and self.max_steps == 0 and all(getattr(self, n) == 0 for n in length):
+            given = " and ".join(f"{flag(n)} 0" for n in length)
+            raise EraseError(f"nothing to train: {given} and --max-steps 0; give one of them a positive value")
 
 
 @dataclass
@@ -109,6 +130,10 @@ class Method:
         self.config = config
 
     # -- hooks -------------------------------------------------------------------------------
+    def check_task_config(self, task_cfg) -> None:
+        """Reject a task from its config alone (raise EraseError); runs while the config is resolved,
+        before any model loads or any data is generated. ``check_task`` still runs on the built task."""
+
     def check_task(self, task) -> None:
         """Reject a task this method cannot serve, before any expensive work (raise EraseError)."""
 

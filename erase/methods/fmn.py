@@ -36,9 +36,17 @@ class ForgetMeNot(Method):
     streams = ("forget",)
     default_weights = {"attention": 1.0}
 
+    DDPM_ERROR = "fmn re-steers text cross-attention; it needs a text-to-image model, not a DDPM"
+
+    def check_task_config(self, task_cfg):
+        from erase.diffusion.loading import model_kind
+
+        if model_kind(task_cfg.model) == "ddpm":
+            raise EraseError(self.DDPM_ERROR)
+
     def check_task(self, task):
         if task.kind != "sd":
-            raise EraseError("fmn re-steers text cross-attention; it needs a text-to-image model, not a DDPM")
+            raise EraseError(self.DDPM_ERROR)
 
     def setup(self, ctx):
         from erase.diffusion.attention import AttentionStore, token_positions
