@@ -44,7 +44,7 @@ class ClassifierConfig:
             if value < low:
                 raise EraseError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
         if dataset_key(self.dataset) not in DATASETS:
-            raise EraseError(f"unknown --dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
+            raise EraseError(f"unknown dataset {self.dataset!r} (--dataset); choose one of: {', '.join(DATASETS)}")
         if not self.forget.strip():
             raise EraseError("--forget is empty: use random:0.1, class:3 or indices:FILE")
         if self.data_root and not self.download and not Path(self.data_root).expanduser().is_dir():
