@@ -283,7 +283,9 @@ def _check_not_blank(section: str, key: str, value) -> None:
     """
     if not isinstance(value, str) or value.strip():
         return
-    cls = {"run": RunConfig, "method": None}.get(section) or task_registry().get(section, (None,))[0]
+    # Method flags with a non-empty default have choices (argparse enforces them) or are number lists
+    # that the method config's validate() rejects when blank.
+    cls = RunConfig if section == "run" else None if section == "method" else task_registry()[section][0]
     defaults = {f.name: f.default for f in dataclasses.fields(cls)} if cls else {}
     if key in VALUE_REQUIRED or defaults.get(key) not in ("", None):
         hint = VALUE_REQUIRED.get(key) or f"leave the flag out for the default {defaults.get(key)!r}"

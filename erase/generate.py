@@ -93,7 +93,9 @@ def generate(args, out, progress: bool = True, check_rows=None) -> dict:
                 "images_per_prompt": args.images_per_prompt, "steps": args.steps, "guidance": args.guidance,
                 "seeds": "row seed + k, one CPU torch.Generator per image", "processes": state.num_processes}
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        from erase.storage import check_writable_dir
+
+        check_writable_dir(out, "--output-dir")  # a file of that name or a read-only disk: one line, before any model loads
         G.check_settings(out, settings, getattr(args, "overwrite", False))
     state.wait_for_everyone()
     all_jobs, written, t0 = [], 0, time.perf_counter()

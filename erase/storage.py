@@ -77,8 +77,8 @@ def disk_reason(path: Path, err: OSError) -> str:
 
 def write_error(path: Path, err: OSError) -> EraseError:
     """One line: which file, why, how much room is left when that is the reason, and what is kept."""
-    return EraseError(f"could not write {path}: {disk_reason(path, err)}; nothing was replaced: what was written "
-                      "before is kept")
+    return EraseError(f"could not write {path}: {disk_reason(path, err)}; nothing was replaced (files and "
+                      "checkpoints written before are kept)")
 
 
 def os_error_in(err: BaseException | None) -> OSError | None:

@@ -200,7 +200,7 @@ def test_disk_full_while_writing_keeps_old_files_and_says_so(tmp_path):
     assert len(lines) == 3, res.stdout
     for name, line in zip(["model.safetensors", "optimizer.pt", "metrics.json"], lines):
         assert line.startswith(f"could not write {tmp_path / name}: File too large"), line
-        assert "free on that disk" in line and "what was written before is kept" in line
+        assert "free on that disk" in line and "checkpoints written before are kept" in line
     from erase.storage import load_safetensors, torch_load_safe
 
     assert load_safetensors(tmp_path / "model.safetensors")["w"].shape == (4,)
@@ -231,6 +231,36 @@ def test_disk_full_during_a_checkpoint_names_the_last_good_one(tmp_path, monkeyp
     assert f"last good checkpoint {first} is kept" in msg and "--resume" in msg
     assert latest_checkpoint(tmp_path) == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]  # no half-written folder left
+
+
+def test_disk_full_in_a_run_is_one_line(models, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    import erase.storage
+
+    real = erase.storage.save_file
+    out = tmp_path / "run"
+
+    def full_under_run(tensors, path, metadata=None):  # the generated-data cache elsewhere still works
+        if str(path).startswith(str(out)):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(erase.storage, "save_file", full_under_run)
+    line = one_line_error(capsys, ["--model", str(models["sd"]), "--concept", "cat", "--method", "ga",
+                                   "--output-dir", str(out), *FAST, "--no-progress"])
+    assert "could not save checkpoint" in line and "No space left on device" in line and "--resume" in line
+
+
+def test_generate_output_dir_that_is_a_file(tmp_path, capsys, monkeypatch):
+    import erase.diffusion.generation
+    from erase.generate import main as generate_main
+
+    monkeypatch.setattr(erase.diffusion.generation, "load_generator", never)
+    (tmp_path / "taken").write_text("")
+    line = one_line_error(capsys, ["--base", "fmnist-tiny-sd", "--prompts", str(ROOT / "prompts" / "fmnist_classes.csv"),
+                                   "--output-dir", str(tmp_path / "taken"), "--no-progress"], main=generate_main)
+    assert "--output-dir" in line and "is a file" in line
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])

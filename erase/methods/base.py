@@ -73,7 +73,11 @@ class MethodConfig:
             if getattr(self, name) < low:
                 raise EraseError(f"{flag(name)} must be >= {low}, got {getattr(self, name)}")
         for term, weight in self.loss_weights.items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            try:
+                number = float(weight) if not isinstance(weight, bool) else math.nan
+            except (TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number):
                 raise EraseError(f"--loss-weights: the weight of {term!r} must be a finite number, got {weight!r}")
         # Methods whose length is not --epochs (a fixed number of steps, stages, or none at all for a
         # closed-form edit) name the fields that set it, or none, in ``length_fields``.
