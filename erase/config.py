@@ -240,9 +240,10 @@ def model_recipe(model: str, method: str) -> dict:
         f = folder / "erase.yaml"
         if f.is_file():
             data = read_yaml(f, "model recipe") or {}
-            recipe = (data.get("methods") or {}).get(method) if isinstance(data, dict) else None
-            if recipe is not None and not isinstance(recipe, dict):
-                raise EraseError(f"model recipe {f}: methods.{method} must be a mapping of settings")
+            methods = (data.get("methods") or {}) if isinstance(data, dict) else None
+            recipe = methods.get(method) if isinstance(methods, dict) else None
+            if not isinstance(methods, dict) or (recipe is not None and not isinstance(recipe, dict)):
+                raise EraseError(f"model recipe {f}: expected 'methods: {{method name: {{setting: value}}}}'")
             return dict(recipe or {})
     return {}
 
