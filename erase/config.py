@@ -23,7 +23,7 @@ from erase.engine.method import MethodConfig
 from erase.errors import EraseError
 from erase.fields import opt
 from erase.methods import get_method, list_methods
-from erase.storage import model_settings
+from erase.storage import model_settings, read_yaml, yaml_problem
 
 
 @dataclass
@@ -42,6 +42,17 @@ class RunConfig:
     log_every: int = opt(10, "optimiser steps between log lines (log.jsonl and trackers)")
     report_to: str = opt("none", "accelerate tracker to log to", ("none", "tensorboard", "wandb", "all"))
     progress: bool = opt(True, "show progress bars")
+
+    def validate(self) -> None:
+        """Range checks, so a bad value fails before any model loads or any output is written."""
+        for name, low in (("grad_accum", 1), ("checkpoint_every", 0), ("keep_checkpoints", 1), ("log_every", 1)):
+            value = getattr(self, name)
+            if value < low:
+                raise EraseError(f"{_flag(name)} must be >= {low}, got {value}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise EraseError(f"{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
 
 
 def task_registry() -> dict[str, tuple[type, type]]:
@@ -122,10 +133,10 @@ def add_fields(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: t
                                 help=help_text if told else f"{help_text} (default: {default})", **kwargs)
             continue
         if t is dict or typing.get_origin(t) is dict:
-            kwargs["type"] = _yaml_mapping
+            kwargs["type"] = _yaml_flag(_flag(f.name), _yaml_mapping)
             metavar = "YAML"
         elif t is list or typing.get_origin(t) is list:
-            kwargs["type"] = _yaml_list
+            kwargs["type"] = _yaml_flag(_flag(f.name), _yaml_list)
             metavar = "LIST"
         else:
             kwargs["type"] = t
@@ -139,7 +150,7 @@ def add_fields(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: t
 def _yaml_mapping(text: str) -> dict:
     value = yaml.safe_load(text)
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a mapping like '{{name: 1.0}}', got {text!r}")
+        raise EraseError(f"expected a mapping like '{{name: 1.0}}', got {text!r}")
     return value
 
 
@@ -147,8 +158,27 @@ def _yaml_list(text: str) -> list:
     """'[1, 2]' or '1,2' -> a list (YAML-typed items)."""
     value = yaml.safe_load(text if text.strip().startswith("[") else f"[{text}]")
     if not isinstance(value, list):
-        raise argparse.ArgumentTypeError(f"expected a list like '1,2,3', got {text!r}")
+        raise EraseError(f"expected a list like '1,2,3', got {text!r}")
     return value
+
+
+def _yaml_flag(flag: str, parse: typing.Callable[[str], typing.Any]) -> typing.Callable[[str], typing.Any]:
+    """An argparse ``type`` for a YAML-valued flag whose errors name the flag in one line.
+
+    It raises EraseError rather than ArgumentTypeError on purpose: argparse would print its whole usage
+    text above the message, and PyYAML's own message spans three lines.
+    """
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except yaml.YAMLError as err:
+            raise EraseError(f"{flag}: invalid YAML in {text!r} ({yaml_problem(err)})") from None
+        except EraseError as err:
+            raise EraseError(f"{flag}: {err}") from None
+
+    convert.__name__ = parse.__name__.lstrip("_")  # argparse names the type in its own messages
+    return convert
 
 
 def _merge(cls: type, *layers: dict):
@@ -161,43 +191,72 @@ def _merge(cls: type, *layers: dict):
         raise EraseError(f"invalid {cls.__name__} setting: {msg}") from None
 
 
+def config_sections() -> tuple[str, ...]:
+    return ("run", *task_registry(), "method")
+
+
 def load_yaml(path: str | None) -> dict:
-    if not path:
+    """A ``--config`` file: top-level sections run / <task> / method, each a mapping."""
+    if path is None:
         return {}
-    p = Path(path)
+    p = Path(path).expanduser()
+    if not str(path).strip():
+        raise EraseError("--config is empty: give a YAML file with run / <task> / method sections")
     if not p.is_file():
-        raise EraseError(f"config file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+        raise EraseError(f"--config file not found: {p}")
+    data = read_yaml(p, "--config file") or {}
+    sections = config_sections()
     if not isinstance(data, dict):
-        raise EraseError(f"{p}: expected a mapping with sections run / classifier / method")
+        raise EraseError(f"--config file {p}: expected a mapping with sections {' / '.join(sections)}")
+    # A misspelt section ("clasifier:") would otherwise be ignored without a word.
+    unknown = [str(k) for k in data if k not in sections]
+    if unknown:
+        raise EraseError(f"--config file {p}: unknown section(s) {', '.join(map(repr, unknown))}; "
+                         f"valid sections: {', '.join(sections)}")
+    for name, body in data.items():
+        if body is None:
+            data[name] = {}
+        elif not isinstance(body, dict):
+            raise EraseError(f"--config file {p}: section {name!r} must be a mapping of settings, "
+                             f"got {type(body).__name__}")
     return data
 
 
 def resolve(run_layer: dict, task_layer: dict, method_layer: dict, file_cfg: dict) -> Resolved:
     """Merge defaults < YAML < CLI for each section and validate names."""
     run = _merge(RunConfig, file_cfg.get("run", {}), run_layer)
+    run.validate()
     method_name = method_layer.pop("name", None) or run.method
     if "method" in file_cfg and "name" in file_cfg["method"] and "method" not in run_layer:
         method_name = file_cfg["method"]["name"]
     tasks = task_registry()
-    task_name = run.task or ("diffusion" if (task_layer.get("concept") or file_cfg.get("diffusion")) else "classifier")
+    # ``"concept" in``, not its truth: ``--concept ''`` is a diffusion run with an empty concept (its own error).
+    task_name = run.task or ("diffusion" if ("concept" in task_layer or file_cfg.get("diffusion")) else "classifier")
     if task_name not in tasks:
         raise EraseError(f"unknown task {task_name!r}; choose one of: {', '.join(tasks)}")
     run.task, run.method = task_name, method_name
     method_cls = get_method(method_name, task_name)
     task_cfg = _merge(tasks[task_name][0], file_cfg.get(task_name, {}), task_layer)
+    task_cfg.validate()
     file_method = {k: v for k, v in file_cfg.get("method", {}).items() if k != "name"}
     # Layers: the method's defaults < its defaults for this task < the base model's recommended
     # recipe (erase.yaml shipped beside the model) < the YAML file < command-line flags.
     recipe = model_recipe(getattr(task_cfg, "model", ""), method_cls.name)
     method_cfg = _merge(method_cls.Config, method_cls.task_defaults.get(task_name, {}), recipe, file_method, method_layer)
-    method_cfg.validate()
+    # The Method constructor validates the config's ranges; then the method may reject the task from
+    # its config alone (e.g. esd-x on a DDPM folder) before any model loads or any image is generated.
+    method_cls(method_cfg).check_task_config(task_cfg)
     return Resolved(run, task_name, task_cfg, method_cls, method_cfg)
 
 
 def model_recipe(model: str, method: str) -> dict:
     """Hyper-parameters a model folder recommends for ``method`` (``erase.yaml``: ``methods: {name: {...}}``)."""
-    return dict((model_settings(model).get("methods") or {}).get(method) or {})
+    settings = model_settings(model)
+    methods = settings.get("methods") or {}
+    recipe = methods.get(method) if isinstance(methods, dict) else None
+    if not isinstance(methods, dict) or (recipe is not None and not isinstance(recipe, dict)):
+        raise EraseError(f"model recipe {model}/erase.yaml: expected 'methods: {{method name: {{setting: value}}}}'")
+    return dict(recipe or {})
 
 
 USAGE = "%(prog)s [--concept TEXT | --forget SPEC --original MODEL] [--method NAME] [flags]"
@@ -230,6 +289,30 @@ def build_parser(method_name: str | None, task_name: str | None, prog: str, desc
     return parser
 
 
+# Flags whose default is empty ("not given") but whose value, once given, must not be blank.
+VALUE_REQUIRED = {"concept": "name the concept to erase, e.g. --concept trouser",
+                  "original": "the trained model to unlearn from (a folder saved by erase, or a bundled name)",
+                  "data_root": "a folder holding the dataset (leave the flag out for the default)",
+                  "output_dir": "a folder for the run's outputs (leave the flag out for runs/<method>-<target>)",
+                  "mask_file": "a saved saliency mask (.safetensors)"}
+
+
+def _check_not_blank(section: str, key: str, value) -> None:
+    """An explicitly given but blank string (``--forget ''``, an unset shell variable) is a mistake.
+
+    Blank would otherwise mean "the default" for some flags and fail deep inside the run for others.
+    """
+    if not isinstance(value, str) or value.strip():
+        return
+    # Method flags with a non-empty default have choices (argparse enforces them) or are number lists
+    # that the method config's validate() rejects when blank.
+    cls = RunConfig if section == "run" else None if section == "method" else task_registry()[section][0]
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)} if cls else {}
+    if key in VALUE_REQUIRED or defaults.get(key) not in ("", None):
+        hint = VALUE_REQUIRED.get(key) or f"leave the flag out for the default {defaults.get(key)!r}"
+        raise EraseError(f"{_flag(key)} is empty: {hint}")
+
+
 def parse_cli(argv: list[str] | None, prog: str = "erase/train.py", description: str = "") -> tuple[Resolved, argparse.Namespace]:
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
@@ -239,7 +322,10 @@ def parse_cli(argv: list[str] | None, prog: str = "erase/train.py", description:
     pre.add_argument("--concept")
     known, _ = pre.parse_known_args(argv)
     file_cfg = load_yaml(known.config)
-    chosen = known.task or file_cfg.get("run", {}).get("task") or ("diffusion" if known.concept else None)
+    # ``is not None``: an empty --concept still means a diffusion run (whose parser knows the flag), so
+    # the user gets "--concept is empty" instead of argparse's "unrecognized arguments: --concept".
+    chosen = (known.task or file_cfg.get("run", {}).get("task")
+              or ("diffusion" if known.concept is not None else None))
     if chosen is not None and chosen not in task_registry():
         raise EraseError(f"unknown task {chosen!r}; choose one of: {', '.join(task_registry())}")
     method_name = known.method or file_cfg.get("method", {}).get("name") or file_cfg.get("run", {}).get("method")
@@ -257,6 +343,7 @@ def parse_cli(argv: list[str] | None, prog: str = "erase/train.py", description:
     for dest, value in vars(ns).items():
         section, _, key = dest.partition(".")
         if key:
+            _check_not_blank(section, key, value)
             layers[section][key] = value
     if method_name and "method" not in layers["run"]:
         layers["run"]["method"] = method_name

@@ -132,7 +132,14 @@ def model_main(argv, run_defaults: dict | None = None) -> int:
     if run_defaults:
         p.set_defaults(**run_defaults)
     a = p.parse_args(argv)
-    generate(a, a.output_dir, progress=not a.no_progress)
+    from erase.progress import set_progress
+
+    set_progress(not a.no_progress)
+    from erase.metrics.suite import check_concept
+
+    settings = _suite_settings(a)
+    generate(a, a.output_dir, progress=not a.no_progress,
+             check_rows=lambda rows: check_concept(settings, [r.concept for r in rows]))
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # the state generate() set up

@@ -49,8 +49,12 @@ def build_parser():
     return p
 
 
-def generate(args, out, progress: bool = True) -> dict:
-    """Generate what ``args`` asks into ``out``; returns generation.json's content (+ "written")."""
+def generate(args, out, progress: bool = True, check_rows=None) -> dict:
+    """Generate what ``args`` asks into ``out``; returns generation.json's content (+ "written").
+
+    ``check_rows(rows)``, if given, runs on the prompt rows before any model loads (a caller's checks
+    that must fail before images are generated, e.g. that the evaluator knows the concept).
+    """
     import time
     from pathlib import Path
 
@@ -69,6 +73,8 @@ def generate(args, out, progress: bool = True) -> dict:
     limit = args.limit or None
     rows = (load_i2p(args.prompts, args.i2p_categories, limit=limit) if args.i2p_categories is not None
             else load_prompts(args.prompts, limit=limit))
+    if check_rows is not None:
+        check_rows(rows)
     specs: dict[str, tuple[str, object]] = {}
     base = args.base
     if args.erased:
@@ -87,7 +93,9 @@ def generate(args, out, progress: bool = True) -> dict:
                 "images_per_prompt": args.images_per_prompt, "steps": args.steps, "guidance": args.guidance,
                 "seeds": "row seed + k, one CPU torch.Generator per image", "processes": state.num_processes}
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        from erase.storage import check_writable_dir
+
+        check_writable_dir(out, "--output-dir")  # a file of that name or a read-only disk: one line, before any model loads
         G.check_settings(out, settings, getattr(args, "overwrite", False))
     state.wait_for_everyone()
     all_jobs, written, t0 = [], 0, time.perf_counter()
@@ -129,6 +137,9 @@ def generate(args, out, progress: bool = True) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from erase.progress import set_progress
+
+    set_progress(not args.no_progress)
     s = generate(args, args.output_dir, progress=not args.no_progress)
     from accelerate import PartialState
 

@@ -44,6 +44,8 @@ def default_output_dir(r: Resolved) -> Path:
 
 
 def prepare_output_dir(out: Path, r: Resolved) -> None:
+    from erase.storage import check_writable_dir
+
     finished = (out / "run.json").is_file()
     interrupted = (out / "checkpoints").is_dir() and not finished
     base = r.task.base_model()
@@ -51,6 +53,7 @@ def prepare_output_dir(out: Path, r: Resolved) -> None:
         if folder.is_dir() and (out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents):
             raise EraseError(f"--output-dir {out} is inside the base model's folder {folder}; "
                              "erase never writes into the base model")
+    check_writable_dir(out, "--output-dir")  # a read-only disk fails here, before any model loads
     if r.run.resume:
         if finished:
             raise EraseError(f"{out} holds a finished run; nothing to resume (use --overwrite to redo it)")

@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     from erase.runner import run
 
     resolved, ns = parse_cli(argv, prog="erase/train.py", description=DESCRIPTION)
+    from erase.progress import set_progress
+
+    set_progress(resolved.run.progress)
     if ns.list_methods:
         print("\n".join(list_methods(resolved.task_name)))
         return 0

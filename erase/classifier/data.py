@@ -11,6 +11,7 @@ import functools
 import gzip
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +80,11 @@ def _read_idx_gz(path: Path) -> np.ndarray:
 
 
 def _fashion_mnist_files(root: Path | None) -> Path | None:
-    for d in [root, FASHION_MNIST_DEBIAN, (root / "FashionMNIST" / "raw") if root else None]:
-        if d is not None and (Path(d) / "train-images-idx3-ubyte.gz").is_file():
+    # A root the user named is the only place looked at: falling back to Debian's copy behind their
+    # back would train on other data than they pointed to.
+    candidates = [root, root / "FashionMNIST" / "raw"] if root is not None else [FASHION_MNIST_DEBIAN]
+    for d in candidates:
+        if (Path(d) / "train-images-idx3-ubyte.gz").is_file():
             return Path(d)
     return None
 
@@ -103,6 +107,9 @@ def load_fashion_mnist(train: bool, root: str | None = None, download: bool = Fa
     (``head``, ``get_batch`` and the tasks only slice, index and copy them).
     """
     root_p = Path(root).expanduser() if root else None
+    if root_p is not None and not root_p.is_dir() and not download:
+        raise EraseError(f"--data-root {root} does not exist (or is not a folder); leave it out to use "
+                         f"{FASHION_MNIST_DEBIAN}, or add --download to fetch Fashion-MNIST into it")
     d = _fashion_mnist_files(root_p)
     if d is None and download:
         from torchvision.datasets import FashionMNIST
@@ -110,6 +117,9 @@ def load_fashion_mnist(train: bool, root: str | None = None, download: bool = Fa
         FashionMNIST(str(root_p or "data"), train=True, download=True)
         FashionMNIST(str(root_p or "data"), train=False, download=True)
         d = _fashion_mnist_files(root_p or Path("data"))
+    if d is None and root_p is not None:
+        raise EraseError(f"no Fashion-MNIST files (train-images-idx3-ubyte.gz ...) in --data-root {root}; add "
+                         f"--download to fetch them there, or leave --data-root out to use {FASHION_MNIST_DEBIAN}")
     if d is None:
         raise EraseError(
             "Fashion-MNIST not found: install it with `apt-get install dataset-fashion-mnist` "
@@ -180,8 +190,13 @@ DATASET_STATS = {
 }
 
 
+def dataset_key(name: str) -> str:
+    """``--dataset`` spelled as DATASETS keys it ("Fashion_MNIST" -> "fashion-mnist")."""
+    return name.strip().lower().replace("_", "-")
+
+
 def load_dataset(name: str, train: bool, root: str | None = None, download: bool = False, **kwargs) -> ImageTensorDataset:
-    key = name.strip().lower().replace("_", "-")
+    key = dataset_key(name)
     if key not in DATASETS:
         raise EraseError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     return DATASETS[key](train, root or os.environ.get("ERASE_DATA_ROOT"), download, **kwargs)
@@ -203,6 +218,7 @@ class ForgetSplit:
     test: torch.Tensor
     test_forget: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     forget_classes: list[int] = field(default_factory=list)
+    duplicates_dropped: int = 0  # ids an indices file listed more than once (each example is forgotten once)
 
 
 def parse_forget_spec(spec: str, train: ImageTensorDataset, test: ImageTensorDataset, seed: int = 0) -> ForgetSplit:
@@ -259,13 +275,18 @@ def parse_forget_spec(spec: str, train: ImageTensorDataset, test: ImageTensorDat
                 raw = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, delimiter=",", ndmin=1)
         except ValueError as err:
             raise EraseError(f"{path}: expected integer indices, one per line or comma-separated ({err})") from None
-        forget = torch.as_tensor(np.unique(np.asarray(raw, dtype=np.int64).ravel()))
+        listed = np.asarray(raw, dtype=np.int64).ravel()
+        forget = torch.as_tensor(np.unique(listed))
         if len(forget) == 0:
             raise EraseError(f"indices file {path} is empty: the forget set would be empty")
         bad = forget[(forget < 0) | (forget >= n)]
         if len(bad):
             raise EraseError(f"indices file {path} has {len(bad)} id(s) outside 0..{n - 1}, e.g. {int(bad[0])}")
-        return ForgetSplit(spec, forget, _complement(forget, n), test_idx)
+        dropped = len(listed) - len(forget)
+        if dropped:  # said out loud: the forget set is smaller than the file's line count suggests
+            print(f"note: indices file {path} lists {dropped} duplicate id(s); dropped them, forgetting "
+                  f"{len(forget)} distinct examples", file=sys.stderr)
+        return ForgetSplit(spec, forget, _complement(forget, n), test_idx, duplicates_dropped=dropped)
     raise EraseError(f"unknown forget spec {spec!r}; use random:0.1, class:3 or indices:FILE")
 
 

@@ -111,7 +111,13 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     cfg_file = directory / "config.json"
     if not cfg_file.is_file():
         raise EraseError(f"{directory} has no config.json; is it a classifier saved by erase?")
-    config = ResNetConfig(**json.loads(cfg_file.read_text()))
+    try:
+        fields = json.loads(cfg_file.read_text())
+        config = ResNetConfig(**fields)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EraseError(f"{cfg_file} is not readable JSON ({str(err).splitlines()[0]}); copy the model again") from None
+    except (TypeError, ValueError) as err:  # unknown or missing fields, impossible sizes
+        raise EraseError(f"{cfg_file} is not an erase classifier config ({err})") from None
     model = build_model(config)
     load_state_dict_strict(model, directory / "model.safetensors", map_location=map_location)
     return model

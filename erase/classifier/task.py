@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from erase.classifier.data import DATASET_STATS, load_dataset, parse_forget_spec
+from erase.classifier.data import DATASET_STATS, DATASETS, dataset_key, load_dataset, parse_forget_spec
 from erase.classifier.models import ResNet18, ResNetConfig, build_model, load_classifier, save_classifier
 from erase.engine.streams import DataView, move_to
 from erase.engine.task import ClassificationTask, TaskConfig
@@ -38,6 +38,22 @@ class ClassifierConfig(TaskConfig):
 
     def label(self) -> str:
         return self.forget or "run"
+
+    def validate(self) -> None:
+        """Range checks: a bad value fails while the config is resolved, before any data or model loads."""
+        for name, low in (("width", 1), ("pad_to", 0), ("eval_batch_size", 1), ("eval_max_retain", 0),
+                          ("limit_train", 0), ("limit_test", 0)):
+            value = getattr(self, name)
+            if value < low:
+                raise EraseError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        if dataset_key(self.dataset) not in DATASETS:
+            raise EraseError(f"unknown dataset {self.dataset!r} (--dataset); choose one of: {', '.join(DATASETS)}")
+        if not self.forget.strip():
+            raise EraseError("--forget is empty: use random:0.1, class:3 or indices:FILE")
+        if self.data_root and not self.download and not Path(self.data_root).expanduser().is_dir():
+            raise EraseError(f"--data-root {self.data_root} does not exist (or is not a folder); add --download "
+                             "to fetch the dataset into it")
+
 
     def base_model(self) -> str:
         return self.original
@@ -170,6 +186,8 @@ class ClassifierTask(ClassificationTask):
             "n_test": len(self.split.test), "ra_examples": len(views["retain"]) if ra_rows is None else len(ra_rows),
             "test_set": "test examples of the kept classes" if self.split.forget_classes else "full test set",
         }
+        if self.split.duplicates_dropped:
+            metrics["settings"]["duplicate_ids_dropped"] = self.split.duplicates_dropped
         return metrics
 
     def describe(self) -> dict:

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from erase.errors import EraseError
+from erase.progress import progress_enabled
 from erase.storage import load_safetensors, save_safetensors
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -86,7 +87,7 @@ def cached_tensor(key: dict, build) -> torch.Tensor:
 def generate(sample_fn, conds: list[int], seeds: list[int], labels: list[int], batch_size: int, desc: str) -> LatentSet:
     """Run ``sample_fn(conds, seeds) -> UNet-space tensors`` in batches."""
     out = []
-    for i in tqdm(range(0, len(seeds), batch_size), desc=desc, leave=False):
+    for i in tqdm(range(0, len(seeds), batch_size), desc=desc, leave=False, disable=not progress_enabled()):
         out.append(sample_fn(conds[i:i + batch_size], seeds[i:i + batch_size]).float().cpu())
     return LatentSet(torch.cat(out), torch.tensor(conds), torch.tensor(labels))
 

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from erase.classifier.models import classify
+from erase.progress import progress_enabled
 
 EVAL_SEED = 10_000
 
@@ -48,7 +49,7 @@ def generate_groups(task, unet, groups: list[Group]) -> list[torch.Tensor]:
     was = unet.training
     unet.eval()
     out = []
-    for g in tqdm(groups, desc="generating", leave=False):
+    for g in tqdm(groups, desc="generating", leave=False, disable=not progress_enabled()):
         if task.kind == "ddpm":
             x, _ = sample_ddpm(unet, task.scheduler, [g.cond] * len(g.seeds), g.seeds, task.guidance,
                                task.cfg.sample_steps, task.null_class)

@@ -51,16 +51,77 @@ class DiffusionBase:
         return self.scheduler.config.get("prediction_type", "epsilon")
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EraseError(f"{path} is not readable JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise EraseError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _class_name(folder: Path) -> str | None:
     index = folder / "model_index.json"
-    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    name = _read_json(index).get("_class_name") if index.is_file() else None
     unet_cfg = folder / "unet" / "config.json"
     if name in (None, "DDPMPipeline") and unet_cfg.is_file() and (folder / "scheduler").is_dir():
         # A DDPMPipeline folder whose UNet has class embeddings is a class-conditional DDPM.
-        cfg = json.loads(unet_cfg.read_text())
+        cfg = _read_json(unet_cfg)
         if cfg.get("_class_name") == "UNet2DModel" and cfg.get("num_class_embeds"):
             return "ClassConditionalDDPM"
     return name
+
+
+def check_weight_files(root: Path) -> None:
+    """Read the header of every safetensors file under ``root`` (a folder or one file).
+
+    A truncated or corrupt download then gets one line naming the file, instead of diffusers'
+    chain of three exceptions that ends in "Unable to load weights". Only headers are read (they
+    hold every tensor's offset, so a short file is caught), never the tensors themselves.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    files = [root] if root.is_file() else sorted(root.rglob("*.safetensors"))
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise EraseError(f"{f} is truncated or corrupt ({str(err).splitlines()[0]}); copy or download it again") from None
+
+
+def _load_error(where, err: Exception) -> EraseError:
+    """diffusers' loading errors (bad config.json, missing or unreadable files) as one line naming ``where``."""
+    text = str(err).strip()
+    return EraseError(f"could not load the model in {where}: {text.splitlines()[0] if text else type(err).__name__}")
+
+
+def model_kind(spec: str) -> str | None:
+    """"sd" or "ddpm" for a local or bundled model folder, from its JSON files alone (no weights read).
+
+    None when that cannot be told without loading (a single file, a hub id, an unsupported folder),
+    so config-time checks can refuse a method early and leave the rest to ``load_base``.
+    """
+    folder = local_folder(spec)
+    if folder is None:
+        return None
+    return {"StableDiffusionPipeline": "sd", "ClassConditionalDDPM": "ddpm"}.get(_class_name(folder) or "")
+
+
+def local_folder(spec: str) -> Path | None:
+    """The folder ``load_base`` would read for ``spec`` (a local folder or a bundled name), else None."""
+    if not spec or not spec.strip():
+        return None
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return p
+    return ZOO_DIR / spec if (ZOO_DIR / spec).is_dir() and not p.exists() else None
+
+
+def ddpm_num_classes(folder: Path) -> int:
+    """Classes of a class-conditional DDPM folder, from unet/config.json (its last class embedding is the null class)."""
+    return int(_read_json(folder / "unet" / "config.json")["num_class_embeds"]) - 1
 
 
 def _check_supported(name: str | None, where: str) -> None:
@@ -73,8 +134,13 @@ def _check_supported(name: str | None, where: str) -> None:
 def _load_sd_folder(folder: Path | str, local_only: bool, device) -> DiffusionBase:
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, requires_safety_checker=False, local_files_only=local_only)
+    if local_only:
+        check_weight_files(Path(folder))
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, safety_checker=None, requires_safety_checker=False, local_files_only=local_only)
+    except (OSError, ValueError) as err:  # a bad config.json, a missing part, an unreadable .bin
+        raise _load_error(folder, err) from err
     return _wrap_pipe(pipe, str(folder), device, Path(folder) if local_only else None)
 
 
@@ -95,17 +161,24 @@ def load_scheduler(folder: Path):
     config = Path(folder) / "scheduler_config.json"
     if not config.is_file():
         raise EraseError(f"{folder}: no scheduler_config.json; a DDPM folder needs scheduler/ beside unet/")
-    name = json.loads(config.read_text()).get("_class_name", "")
+    name = _read_json(config).get("_class_name", "")
     cls = getattr(diffusers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise EraseError(f"{config}: _class_name {name!r} is not a diffusers scheduler (e.g. DDPMScheduler, DDIMScheduler)")
-    return cls.from_pretrained(folder, local_files_only=True)
+    try:
+        return cls.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise _load_error(folder, err) from err
 
 
 def _load_ddpm_folder(folder: Path, device) -> DiffusionBase:
     from diffusers import UNet2DModel
 
-    unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True).to(device)
+    check_weight_files(folder)
+    try:
+        unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True).to(device)
+    except (OSError, ValueError) as err:
+        raise _load_error(folder / "unet", err) from err
     if not unet.config.get("num_class_embeds"):
         raise EraseError(f"{folder}: the UNet2DModel has no class embeddings; erase needs a class-conditional DDPM")
     scheduler = load_scheduler(folder / "scheduler")
@@ -132,6 +205,8 @@ def load_base(spec: str, device: str | torch.device = "cpu", original_config: st
             raise EraseError(f"checkpoint file not found: {p}")
         from diffusers import StableDiffusionPipeline
 
+        if p.suffix == ".safetensors":
+            check_weight_files(p)
         kwargs = {"original_config": original_config} if original_config else {}
         try:
             pipe = StableDiffusionPipeline.from_single_file(str(p), safety_checker=None, requires_safety_checker=False,

@@ -10,6 +10,7 @@ It implements the Task contract with the denoising extension (erase/engine/task.
 
 from __future__ import annotations
 
+import math
 import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ from erase import captions
 from erase.diffusion.attention import AttentionStore, token_positions
 from erase.diffusion.concepts import ConceptSet, make_concepts, read_concept_file, split_concepts
 from erase.diffusion.data import LatentSet, PairedSet, cached, generate, read_images
-from erase.diffusion.loading import DiffusionBase, load_base
+from erase.diffusion.loading import DiffusionBase, ddpm_num_classes, load_base, local_folder, model_kind
 from erase.diffusion.outputs import RunOutputs, save_erased
 from erase.diffusion.sampling import decode_sd, encode_sd, sample_ddpm, sample_sd
 from erase.engine.streams import DataView
@@ -69,6 +70,38 @@ class DiffusionConfig(TaskConfig):
     def label(self) -> str:
         return self.concept or Path(self.concept_file).stem or "run"
 
+    def validate(self) -> None:
+        """Range checks: a bad value fails while the config is resolved, before any model loads or any image
+        is generated (the concept itself is checked against the model's classes before its weights load)."""
+        if not self.model.strip():
+            raise EraseError("--model is empty: give a bundled name (e.g. fmnist-tiny-sd), a folder, a "
+                             ".safetensors/.ckpt file or a hub id")
+        low = {"n_forget": 0 if self.forget_images else 1, "n_retain": 0, "sample_steps": 1, "eval_images": 1,
+               "grid_seeds": 1, "lora_rank": 0, "batch_size_gen": 1}
+        for name, floor in low.items():
+            value = getattr(self, name)
+            if value < floor:
+                raise EraseError(f"--{name.replace('_', '-')} must be >= {floor}, got {value}"
+                                 + (" (or pass --forget-images)" if name == "n_forget" else ""))
+        if not math.isfinite(self.guidance) or (self.guidance < 0 and self.guidance != -1):
+            raise EraseError(f"--guidance must be a finite number >= 0 (or -1 for the model's default), got {self.guidance}")
+        for name in ("forget_images", "retain_images"):
+            folder = getattr(self, name)
+            if folder and not Path(folder).expanduser().is_dir():
+                raise EraseError(f"--{name.replace('_', '-')} {folder} is not a folder")
+        if self.original_config and not Path(self.original_config).expanduser().is_file():
+            raise EraseError(f"--original-config {self.original_config} not found")
+        if self.concept_file and not Path(self.concept_file).expanduser().is_file():
+            raise EraseError(f"--concept-file {self.concept_file}: no such file")
+
+    def model_has_cross_attention(self) -> bool | None:
+        kind = model_kind(self.model)
+        return None if kind is None else kind == "sd"
+
+    def trains_adapters(self) -> bool:
+        return self.lora_rank > 0 or self.save_format == "lora"
+
+
     def concept_list(self) -> list[str]:
         """The concepts named by --concept or --concept-file (exactly one of them)."""
         if self.concept_file:
@@ -92,12 +125,13 @@ class DiffusionTask(DenoisingTask):
         if cfg.save_format == "lora" and cfg.lora_rank == 0:
             cfg.lora_rank = 4
         self.lora = self.trains_adapters = cfg.lora_rank > 0
+        self.fmnist = Path(cfg.model).name in FMNIST_MODELS or cfg.model in FMNIST_MODELS
+        self._check_concepts_before_loading()
         self.base: DiffusionBase = load_base(cfg.model, self.device, cfg.original_config)
         self.kind = self.base.kind
         self.has_cross_attention = self.kind == "sd"
         self.outputs: RunOutputs | None = None
         self._base_state: dict | None = None
-        self.fmnist = Path(cfg.model).name in FMNIST_MODELS or cfg.model in FMNIST_MODELS
         self.concepts: ConceptSet = make_concepts(cfg.concept_list(), cfg.retain_concepts, cfg.paraphrases, self.fmnist,
                                                   self._ddpm_class_names() if self.kind == "ddpm" else None)
         self.guidance = cfg.guidance if cfg.guidance >= 0 else (4.0 if self.fmnist and self.kind == "sd"
@@ -128,14 +162,30 @@ class DiffusionTask(DenoisingTask):
         embeds, _ = self.base.pipe.encode_prompt(prompts, self.device, 1, do_classifier_free_guidance=False)
         return embeds.detach()
 
-    def _ddpm_class_names(self) -> list[str]:
+    def _check_concepts_before_loading(self) -> None:
+        """An unknown or empty concept fails before the weights load and before any image is generated.
+
+        For a local folder the model kind and a DDPM's classes come from its JSON files; a hub id or a
+        single file is only checked for an empty concept here, and fully once loaded.
+        """
+        cfg = self.cfg
+        folder, kind = local_folder(cfg.model), model_kind(cfg.model)
+        concepts = cfg.concept_list()  # an empty or malformed list fails here
+        if kind is None:
+            return
+        names = self._ddpm_class_names(folder, ddpm_num_classes(folder)) if kind == "ddpm" else None
+        make_concepts(concepts, cfg.retain_concepts, cfg.paraphrases, self.fmnist, names)
+
+    def _ddpm_class_names(self, folder: Path | None = None, k: int | None = None) -> list[str]:
         """``class_names.json`` beside the UNet if present; else Fashion-MNIST/CIFAR-10 names or indices."""
         import json
 
         from erase.classifier.data import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
 
-        k = self.base.unet.config.num_class_embeds - 1  # the last embedding is the null class
-        f = self.base.folder / "class_names.json" if self.base.folder else None
+        if k is None:
+            k = self.base.unet.config.num_class_embeds - 1  # the last embedding is the null class
+            folder = self.base.folder
+        f = folder / "class_names.json" if folder else None
         if f is not None and f.is_file():
             return json.loads(f.read_text())
         if self.fmnist and k == 10:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from erase.errors import EraseError
-from erase.storage import atomic_dir, load_state_dict_strict, save_safetensors, torch_load_safe
+from erase.storage import atomic_dir, disk_reason, load_state_dict_strict, os_error_in, save_safetensors, save_torch, torch_load_safe
 
 _STEP = re.compile(r"^step-(\d+)$")
 
@@ -32,12 +32,22 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizers: dict, state: dict) -> Path:
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizers: dict, state: dict,
+                    last_good: Path | None = None) -> Path:
     final = root / f"step-{step:06d}"
-    with atomic_dir(final) as tmp:
-        save_safetensors(model.state_dict(), tmp / "model.safetensors")
-        torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    try:
+        with atomic_dir(final) as tmp:
+            save_safetensors(model.state_dict(), tmp / "model.safetensors")
+            save_torch({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    except EraseError as err:  # e.g. a full disk: say which checkpoint survives and how to go on from it
+        os_err = os_error_in(err)
+        if os_err is None:
+            raise
+        kept = (f"the last good checkpoint {last_good} is kept" if last_good
+                else "no earlier checkpoint exists (the base model is untouched)")
+        raise EraseError(f"could not save checkpoint {final}: {disk_reason(final, os_err)}; {kept}; free some space, "
+                         "then rerun the same command with --resume") from err
     return final
 
 
@@ -76,7 +86,7 @@ class Checkpointer:
     def save(self, step: int, model: torch.nn.Module, optimizers: dict, state: dict) -> None:
         path = self.root / f"step-{step:06d}"
         if self.writes:
-            save_checkpoint(self.root, step, model, optimizers, state)
+            save_checkpoint(self.root, step, model, optimizers, state, self.last_good)
         self.pending = path
         self._prune()
 

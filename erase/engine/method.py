@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from erase.errors import EraseError
-from erase.fields import field_problems, opt
+from erase.fields import field_problems, flag_name, opt
 
 if TYPE_CHECKING:
     from erase.engine.context import RunContext
@@ -43,16 +43,32 @@ class MethodConfig:
     warmup_steps: int = opt(0, "linear warm-up steps")
     max_grad_norm: float = opt(0.0, "clip the gradient norm to this value (0 = off)")
     loss_weights: dict = opt({}, "override weights of named loss terms, e.g. {forget_ce: -1.0}")
+    # The fields that set the method's length (with --max-steps), so "--epochs 0" is refused only where it
+    # means "train nothing"; a method with a fixed step count or a closed-form edit names others, or none.
+    length_fields: ClassVar[tuple[str, ...]] = ("epochs",)
 
     def validate(self) -> None:
-        """Reject values outside their range before any model loads; subclasses add their own checks."""
+        """Range checks shared by every method; a subclass adds its own and calls ``super().validate()``.
+
+        Everything here needs only the config, so a bad value fails before any model loads or any
+        image is generated. Each message names the flag.
+        """
         problems = field_problems(self)
-        if self.lr < 0:
-            problems.append(f"--lr must be >= 0, got {self.lr}")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.epochs < 0:
-            problems.append(f"--epochs must be >= 0, got {self.epochs}")
+        for name, low in (("batch_size", 1), ("max_steps", 0), ("epochs", 0), ("lr", 0), ("warmup_steps", 0),
+                          ("momentum", 0), ("weight_decay", 0), ("max_grad_norm", 0)):
+            if getattr(self, name) < low:
+                problems.append(f"{flag_name(name)} must be >= {low}, got {getattr(self, name)}")
+        for term, weight in self.loss_weights.items():
+            try:
+                number = float(weight) if not isinstance(weight, bool) else math.nan
+            except (TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number):
+                problems.append(f"--loss-weights: the weight of {term!r} must be a finite number, got {weight!r}")
+        length = self.length_fields
+        if length and self.max_steps == 0 and all(getattr(self, n) == 0 for n in length):
+            given = " and ".join(f"{flag_name(n)} 0" for n in length)
+            problems.append(f"nothing to train: {given} and --max-steps 0; give one of them a positive value")
         if problems:
             raise EraseError("; ".join(problems))
 
@@ -109,6 +125,10 @@ class Method:
         self.config = config
 
     # -- hooks -------------------------------------------------------------------------------
+    def check_task_config(self, task_cfg) -> None:
+        """Reject a task from its config alone (raise EraseError); runs while the config is resolved,
+        before any model loads or any data is generated. ``check_task`` still runs on the built task."""
+
     def check_task(self, task) -> None:
         """Reject a task this method cannot serve, before any expensive work (raise EraseError)."""
 

@@ -40,6 +40,15 @@ class TaskConfig:
     def validate(self) -> None:
         """Reject out-of-range values before any data or model loads."""
 
+    def model_has_cross_attention(self) -> bool | None:
+        """Whether the base model reads text through cross-attention; None when that cannot be told
+        without loading it (methods use this to refuse early, and ``check_task`` again on the built task)."""
+        return None
+
+    def trains_adapters(self) -> bool:
+        """Whether the run trains adapters (LoRA) rather than the model's own weights."""
+        return False
+
 
 class Task(ABC):
     """Constructed as ``TaskClass(config, seed=, device=, streams=)``; ``streams`` names the training

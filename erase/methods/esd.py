@@ -43,6 +43,15 @@ class ESDConfig(MethodConfig):
     teacher_dtype: str = opt("auto", "frozen teacher precision: auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32",
                              ("auto", "fp16", "bf16", "fp32"))
 
+    length_fields = ()  # ESD runs exactly --max-steps steps; --epochs is not used (checked below instead)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_steps < 1:
+            raise EraseError(f"--max-steps must be at least 1 (ESD trains for exactly that many steps), got {self.max_steps}")
+        if self.ddim_steps < 2:
+            raise EraseError(f"--ddim-steps must be at least 2, got {self.ddim_steps}")
+
 
 def is_cross_attention(name: str) -> bool:
     return ".attn2." in name
@@ -55,9 +64,15 @@ class _ESD(Method):
     default_weights = {"esd": 1.0}
     train_cross_attention: bool = True
 
+    DDPM_ERROR = "esd-x trains cross-attention, which a class-conditional DDPM does not have; use esd-u"
+
+    def check_task_config(self, task_cfg):
+        if self.train_cross_attention and task_cfg.model_has_cross_attention() is False:
+            raise EraseError(self.DDPM_ERROR)
+
     def check_task(self, task):
         if not task.has_cross_attention and self.train_cross_attention:
-            raise EraseError("esd-x trains cross-attention, which a class-conditional DDPM does not have; use esd-u")
+            raise EraseError(self.DDPM_ERROR)
 
     def setup(self, ctx):
         if ctx.task.trains_adapters:
@@ -68,8 +83,6 @@ class _ESD(Method):
         if dt == "auto":
             dt = "fp16" if ctx.device.type == "cuda" else "fp32"
         self.teacher = ctx.frozen_copy(dtypes[dt])
-        if self.config.ddim_steps < 2:
-            raise EraseError("--ddim-steps must be at least 2")
 
     def parameter_masks(self, ctx):
         keep = is_cross_attention if self.train_cross_attention else (lambda n: not is_cross_attention(n))

@@ -37,9 +37,15 @@ class ForgetMeNot(Method):
     streams = ("forget",)
     default_weights = {"attention": 1.0}
 
+    DDPM_ERROR = "fmn re-steers text cross-attention; it needs a text-to-image model, not a DDPM"
+
+    def check_task_config(self, task_cfg):
+        if task_cfg.model_has_cross_attention() is False:
+            raise EraseError(self.DDPM_ERROR)
+
     def check_task(self, task):
         if not task.has_cross_attention:
-            raise EraseError("fmn re-steers text cross-attention; it needs a text-to-image model, not a DDPM")
+            raise EraseError(self.DDPM_ERROR)
 
     def setup(self, ctx):
         self.token_mask = ctx.task.concept_token_mask().to(ctx.device)

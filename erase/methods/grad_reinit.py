@@ -62,6 +62,8 @@ class GradReinitConfig(MethodConfig):
         super().validate()
         if not 0 <= self.init_rate <= 1 or self.kept_grad_scale < 0:
             raise EraseError("grad_reinit: --init-rate must be in [0, 1] and --kept-grad-scale >= 0")
+        if self.retain_subset < 0:
+            raise EraseError(f"grad_reinit: --retain-subset must be >= 0, got {self.retain_subset}")
 
 
 @register_method("grad_reinit")

@@ -52,6 +52,8 @@ class IUConfig(MethodConfig):
     hessian: str = opt("reference", "inverse-Fisher approximation: the reference's recursion, or the exact "
                        "Woodbury inverse of I + ΣggᵀN⁻¹ it approximates", ("reference", "woodbury"))
 
+    length_fields = ()  # a closed-form edit: no optimiser steps, so --epochs / --max-steps do not apply
+
     def validate(self) -> None:
         super().validate()
         if self.fisher_samples < 1:

@@ -67,6 +67,8 @@ class KLUniformConfig(MethodConfig):
     forget_weight_decay: float = opt(0.0, "weight decay of the stage-1 and forget-round optimisers")
     temperature: float = opt(1.15, "temperature t of the forget-round contrastive loss")
 
+    length_fields = ("epochs", "stage1_epochs")  # --epochs 0 with stage 1 is a valid (stage-1 only) run
+
     def validate(self) -> None:
         super().validate()
         if self.temperature <= 0 or min(self.stage1_lr, self.forget_lr, self.forget_min_lr, self.stage1_epochs) < 0:

@@ -80,11 +80,15 @@ class ReinitKPConfig(MethodConfig):
                              "pool; the last repeats (6 of 34 layers = the write-up's 6 on ResNet-18 in the last cycle)")
     noise_std: float = opt(0.01, "std of the Gaussian noise added to retain inputs (write-up settings; 0.1 in its ablation)")
 
+    length_fields = ()  # the length is --cycle-epochs, checked below
+
     def validate(self) -> None:
         super().validate()
         for flag in ("cycle_epochs", "epoch_lr_scales", "reinit_shares"):
             if min(floats(getattr(self, flag), flag)) < 0:
                 raise EraseError(f"reinit_kp: --{flag.replace('_', '-')} must be >= 0")
+        if self.max_steps == 0 and sum(floats(self.cycle_epochs, "cycle_epochs")) == 0:
+            raise EraseError("nothing to train: --cycle-epochs are all 0 and --max-steps 0; give one of them a positive value")
         if self.noise_std < 0:
             raise EraseError("reinit_kp: --noise-std must be >= 0")
 

@@ -55,6 +55,11 @@ class SalUnSoftConfig(SalUnConfig):
     hard_mask: bool = opt(False, "also restrict training to SalUn's hard saliency mask (--mask-fraction); "
                           "the reference computes it but does not use it")
 
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.prox_ratio <= 1:
+            raise EraseError(f"--prox-ratio must be in [0, 1], got {self.prox_ratio}")
+
 
 def soft_threshold_factor(delta: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
     """The real-valued shrink factor s = max(1 − τ/|Δ|, 0) and τ, the ``count``-th smallest |Δ|.
@@ -77,8 +82,6 @@ class SalUnSoft(SalUn):
 
     def setup(self, ctx):
         cfg = self.config
-        if not 0 <= cfg.prox_ratio <= 1:
-            raise EraseError(f"--prox-ratio must be in [0, 1], got {cfg.prox_ratio}")
         if cfg.hard_mask:
             super().setup(ctx)
         else:

@@ -39,6 +39,8 @@ class SSDConfig(MethodConfig):
     alpha: float = opt(10.0, "selection weighting α: dampen coordinates with I_f > α·I_D")
     dampening: float = opt(1.0, "dampening constant λ: scale selected weights by min(λ·I_D/I_f, 1)")
 
+    length_fields = ()  # a closed-form edit: no optimiser steps, so --epochs / --max-steps do not apply
+
     def validate(self) -> None:
         super().validate()
         if self.alpha < 0 or self.dampening < 0:

@@ -12,8 +12,13 @@ from erase.metrics.classifier import GAP_KEYS, gap_to_retrain, rte
 def load_run(path: str | Path) -> dict:
     """metrics.json + run.json of a finished run folder."""
     p = Path(path)
+    if not p.exists():
+        raise EraseError(f"run folder {p} not found")
     if not (p / "run.json").is_file() or not (p / "metrics.json").is_file():
-        raise EraseError(f"{p} is not a finished erase run (no run.json/metrics.json); finish it or pass --resume")
+        # --resume is advice only for a run that was interrupted (it has checkpoints to go on from).
+        hint = ("it was interrupted: finish it by rerunning its erase/train.py command with --resume"
+                if (p / "checkpoints").is_dir() else "is it a folder written by erase/train.py?")
+        raise EraseError(f"{p} is not a finished erase run (no run.json/metrics.json); {hint}")
     return {"path": str(p), **json.loads((p / "run.json").read_text()), "metrics": json.loads((p / "metrics.json").read_text())}
 
 

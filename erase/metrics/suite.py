@@ -164,6 +164,21 @@ def _fid(by_model, s: SuiteSettings, device, clip_bundle, result):
                     "Few images bias it upwards: compare numbers computed on the same counts only."}
 
 
+def check_concept(s: SuiteSettings, concepts: list[str], device="cpu") -> None:
+    """Refuse an erased concept the concept metric's classifier does not know, before any image is generated.
+
+    Same judge and same message as the scoring below; skipped where the judge needs a CLIP model
+    (loaded only for scoring) or where no judge fits these concepts (the metric is then skipped too).
+    """
+    from erase.metrics.concept import build_judge
+
+    if "concept" not in s.metrics or not s.concept or s.classifier == "clip":
+        return
+    judge = build_judge(s.classifier, sorted({c for c in concepts if c}), s.classifier_weights, None, device)
+    if judge is not None and judge.index(s.concept) is None:
+        raise EraseError(f"the classifier ({judge.info['name']}) does not know the erased concept {s.concept!r}")
+
+
 def _concept(by_model, s: SuiteSettings, device, clip_bundle, result):
     from erase.metrics.concept import ConceptAccuracy, build_judge
 
