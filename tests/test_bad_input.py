@@ -213,18 +213,21 @@ def test_disk_full_during_a_checkpoint_names_the_last_good_one(tmp_path, monkeyp
     from safetensors import SafetensorError
 
     import erase.storage
-    from erase.engine.checkpoint import latest_checkpoint, save_checkpoint
+    from erase.engine.checkpoint import Checkpointer, latest_checkpoint
 
     model = torch.nn.Linear(3, 2)
     opt = {"main": torch.optim.SGD(model.parameters(), lr=0.1)}
-    first = save_checkpoint(tmp_path, 1, model, opt, {})
+    checkpoints = Checkpointer(tmp_path, keep=2)
+    checkpoints.save(1, model, opt, {})
+    checkpoints.confirm()  # the next step's loss came out finite on these weights
+    first = tmp_path / "step-000001"
 
     def full(*_a, **_k):  # safetensors' own report of ENOSPC
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(erase.storage, "save_file", full)
     with pytest.raises(EraseError) as info:
-        save_checkpoint(tmp_path, 2, model, opt, {})
+        checkpoints.save(2, model, opt, {})
     msg = str(info.value)
     assert "\n" not in msg
     assert "step-000002" in msg and "No space left on device" in msg and "free on that disk" in msg
@@ -284,7 +287,7 @@ def test_written_files_follow_the_umask(tmp_path, umask):
 # -- 6. unknown sections and keys in a config file -------------------------------------------------
 
 @pytest.mark.parametrize("text,expected", [
-    ("clasifier:\n  forget: class:1\n", ["unknown section(s) 'clasifier'", "run, classifier, diffusion, method"]),
+    ("clasifier:\n  forget: class:1\n", ["unknown section(s) 'clasifier'", "run, diffusion, classifier, method"]),
     ("run:\n  sed: 1\n", ["Key 'sed' not in 'RunConfig'", "seed"]),  # already one line before; kept as a guard
     ("method: salun\n", ["section 'method' must be a mapping"]),
     ("- run\n", ["expected a mapping with sections"]),
