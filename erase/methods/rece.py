@@ -83,4 +83,4 @@ class RECE(_ClosedForm):
             C = rece_map([lin.weight for _, lin in layers], originals, cfg.reg)
             adversarial = torch.cat([enc[e][0].to(C.dtype) @ C.T for e, _ in pairs])
             T = uce_map(adversarial, guide, keep, cfg.rece_lamb, cfg.erase_scale, cfg.rece_preserve_scale)
-            self._apply_map(layers, T)
+            self.edit_layers(layers, T)

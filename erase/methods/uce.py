@@ -138,7 +138,8 @@ class _ClosedForm(Method):
             preserve.append("")
         return pairs, preserve
 
-    def _preserve_scale(self, n_prompts: int) -> float:
+    def effective_preserve_scale(self, n_prompts: int) -> float:
+        """--preserve-scale, or the paper-era script's max(0.1, 1/n) when it is negative."""
         s = self.config.preserve_scale
         return s if s >= 0 else max(0.1, 1.0 / max(n_prompts, 1))
 
@@ -153,7 +154,8 @@ class _ClosedForm(Method):
         embeds = torch.cat([task.encode(unique[i:i + 64]) for i in range(0, len(unique), 64)]).float()
         return {p: (embeds[i], masks[i].to(embeds.device)) for i, p in enumerate(unique)}
 
-    def _uce_rows(self, task) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def uce_rows(self, task) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Erase, guide and preserve token rows (float32) and the number of preserve prompts."""
         pairs, preserve = self._plan(task)
         enc = self._encode(task, [p for pair in pairs for p in pair] + preserve)
         mode = self.config.tokens
@@ -166,7 +168,8 @@ class _ClosedForm(Method):
 
     @staticmethod
     @torch.no_grad()
-    def _apply_map(layers: list[tuple[str, nn.Linear]], T: torch.Tensor) -> None:
+    def edit_layers(layers: list[tuple[str, nn.Linear]], T: torch.Tensor) -> None:
+        """W <- W T for every projection, refusing a non-finite result."""
         for name, lin in layers:
             if lin.in_features != T.shape[0]:
                 raise EraseError(f"{name} takes {lin.in_features}-d inputs but the text encoder gives {T.shape[0]}-d")
@@ -178,9 +181,9 @@ class _ClosedForm(Method):
     def uce(self, ctx, layers: list[tuple[str, nn.Linear]]) -> None:
         """The UCE edit of ``layers`` (projections of ``ctx.unwrapped``) in place."""
         cfg = self.config
-        erase, guide, keep, n_preserve = self._uce_rows(ctx.task)
-        T = uce_map(erase, guide, keep, cfg.lamb, cfg.erase_scale, self._preserve_scale(n_preserve))
-        self._apply_map(layers, T)
+        erase, guide, keep, n_preserve = self.uce_rows(ctx.task)
+        T = uce_map(erase, guide, keep, cfg.lamb, cfg.erase_scale, self.effective_preserve_scale(n_preserve))
+        self.edit_layers(layers, T)
 
 
 @register_method("uce")
