@@ -134,12 +134,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.sum(-1).long() - 2
 
 
-def last_token_rows(emb: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(N, 77, d) embeddings -> (N, d): each prompt's last word token."""
-    idx = last_token_index(attention_mask).to(emb.device)
-    return emb[torch.arange(emb.shape[0], device=emb.device), idx]
-
-
 def aligned_rows(erase_emb: torch.Tensor, erase_mask: torch.Tensor, guide_emb: torch.Tensor, guide_mask: torch.Tensor,
                  mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of one erase prompt and its guide, (L, d) each, aligned row by row; inputs are (77, d) and (77,)."""
