@@ -1,0 +1,195 @@
+"""uce — Unified Concept Editing (Gandikota et al., WACV 2024): a closed-form cross-attention edit.
+
+Every text cross-attention key and value projection (``attn2.to_k`` / ``attn2.to_v``: 32 matrices
+in SD 1.x) is rewritten independently in closed form (``erase.diffusion.closed_form``) so that the
+erased concepts' token vectors produce what the guide's tokens produced, the preserved concepts'
+outputs stay put, and the weights stay near the original (λ). No optimiser step runs, and the run
+writes the same model, grid, card and metrics as any other method.
+
+Defaults follow the authors' current script (``trainscripts/uce_sd_erase.py``): λ 0.5, erase and
+preserve scale 1, guide '' (unconditional), the last word token of each prompt. ``--tokens
+last-to-end`` switches to the paper-era script (``train-scripts/train_erase.py``), which also
+feeds end-of-text and padding tokens and made the published checkpoints (and RECE's starting
+points); that script's preserve scale ``max(0.1, 1/len(preserve))`` is ``--preserve-scale -1``.
+
+What is erased, guided and preserved:
+
+* erase: the run's concept(s), as bare text ("garbage truck"), as both official scripts do; with
+  ``--expand-prompts`` also inside each of the run's prompt templates ("a photo of a garbage
+  truck", ...), like the scripts' ``--expand_prompts`` / ``add_prompts``. Deviation: a non-empty
+  guide is put into the same template (the scripts pair every expanded prompt with the bare guide),
+  so "a photo of a garbage truck" is steered to "a photo of a church";
+* guide: '' (the empty prompt, i.e. towards the unconditional prediction; the scripts' ' ' is the
+  same token sequence), one concept for all, or one per erased concept;
+* preserve: the run's retain concepts (``--retain-concepts``, or the task's default set) plus the
+  empty prompt, so classifier-free guidance's unconditional branch is unchanged (the paper-era
+  script always keeps ''); ``--preserve none`` keeps nothing (the current script's default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from erase.diffusion.closed_form import TOKEN_MODES, aligned_rows, apply_map, preserve_rows, uce_map
+from erase.errors import EraseError
+from erase.methods.base import Method, MethodConfig, opt
+from erase.methods.esd import is_cross_attention
+from erase.registry import register_method
+
+
+@dataclass
+class UCEConfig(MethodConfig):
+    epochs: float = opt(0.0, "unused: a closed-form edit takes no optimiser steps")
+    max_steps: int = opt(0, "unused: a closed-form edit takes no optimiser steps")
+    guide: str = opt("", "what erased concepts are steered to: '' = the empty prompt (unconditional), one concept for "
+                     "all, or a comma-separated list paired with the erased concepts")
+    preserve: str = opt("", "concepts whose outputs are kept: '' = the run's retain concepts, 'none' = nothing, or a "
+                        "comma-separated list; the empty prompt is kept too unless 'none'")
+    lamb: float = opt(0.5, "λ: pull towards the original weights (the authors' code; the paper's Eq. 7 has none)")
+    erase_scale: float = opt(1.0, "s_e: weight of the erase terms")
+    preserve_scale: float = opt(1.0, "s_p: weight of the preserve terms; negative = the paper-era script's "
+                                "max(0.1, 1/len(preserve prompts))")
+    tokens: str = opt("last", "token vectors per prompt: the last word token (current script) or it through "
+                      "end-of-text and padding (paper-era script)", TOKEN_MODES)
+    edit: str = opt("kv", "projections to edit: keys and values, or values only", ("kv", "v"))
+    expand_prompts: bool = opt(False, "also erase and preserve each concept inside the run's prompt templates")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.lamb > 0:
+            raise EraseError(f"--lamb must be > 0 (it keeps the solve well posed), got {self.lamb}")
+        if self.erase_scale < 0:
+            raise EraseError(f"--erase-scale must be >= 0, got {self.erase_scale}")
+
+
+def _erase_concepts(task) -> list[str]:
+    return getattr(task.concepts, "concepts", None) or [task.concepts.concept]
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def kv_projections(unet: nn.Module, edit: str) -> list[tuple[str, nn.Linear]]:
+    """The text cross-attention projections to edit, in module order."""
+    ends = (".to_k", ".to_v") if edit == "kv" else (".to_v",)
+    found = [(n, m) for n, m in unet.named_modules()
+             if isinstance(m, nn.Linear) and is_cross_attention(n) and n.endswith(ends)]
+    if not found:
+        raise EraseError("the UNet has no text cross-attention (attn2.to_k/to_v) to edit")
+    return found
+
+
+class _ClosedForm(Method):
+    """Shared plumbing of UCE and RECE: prompts, their token rows, and in-place edits of the K/V projections."""
+
+    tasks = ("diffusion",)
+    streams = ()
+
+    def check_task(self, task) -> None:
+        if task.kind != "sd":
+            raise EraseError(f"{self.name} edits text cross-attention (attn2.to_k/to_v); a class-conditional DDPM has "
+                             "none: use esd-u, salun, rl or ga")
+        if getattr(task, "lora", False):
+            raise EraseError(f"{self.name} rewrites the projection weights in closed form; use --save-format pipeline "
+                             "or delta and --lora-rank 0")
+        self._plan(task)  # the guide / preserve lists are checked before any model work
+
+    # -- prompts ----------------------------------------------------------------------------------
+    def _guides(self, concepts: list[str]) -> list[str]:
+        guides = _split(self.config.guide)
+        if len(guides) > 1 and len(guides) != len(concepts):
+            raise EraseError(f"--guide lists {len(guides)} concepts for {len(concepts)} erased concepts; give one guide "
+                             "for all or one per concept")
+        guides = guides * len(concepts) if len(guides) == 1 else guides or [""] * len(concepts)
+        for c, g in zip(concepts, guides):
+            if g.lower() == c.strip().lower():
+                raise EraseError(f"--guide {g!r} is the concept being erased; choose another guide or '' (unconditional)")
+        return guides
+
+    def _preserved(self, task, concepts: list[str]) -> list[str]:
+        spec = self.config.preserve.strip()
+        if spec.lower() == "none":
+            return []
+        names = _split(spec) if spec else list(task.concepts.retain)
+        erased = {c.strip().lower() for c in concepts}
+        clash = [p for p in names if p.lower() in erased]
+        if clash:
+            raise EraseError(f"--preserve includes the concept being erased ({clash[0]})")
+        return names
+
+    def _plan(self, task) -> tuple[list[tuple[str, str]], list[str]]:
+        """(erase prompt, guide prompt) pairs and preserve prompts."""
+        cs = task.concepts
+        concepts = _erase_concepts(task)
+        templates = cs.templates if self.config.expand_prompts else []
+        pairs = []
+        for c, g in zip(concepts, self._guides(concepts)):
+            pairs.append((c, g))
+            pairs += [(cs.prompt(c, t), cs.prompt(g, t) if g else "") for t in templates]
+        preserve = []
+        for p in self._preserved(task, concepts):
+            preserve.append(p)
+            preserve += [cs.prompt(p, t) for t in templates]
+        if self.config.preserve.strip().lower() != "none":
+            preserve.append("")
+        return pairs, preserve
+
+    def effective_preserve_scale(self, n_prompts: int) -> float:
+        """--preserve-scale, or the paper-era script's max(0.1, 1/n) when it is negative."""
+        s = self.config.preserve_scale
+        return s if s >= 0 else max(0.1, 1.0 / max(n_prompts, 1))
+
+    @staticmethod
+    @torch.no_grad()
+    def _encode(task, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """prompt -> ((77, d) float32 text embedding, (77,) attention mask), each distinct prompt encoded once."""
+        unique = list(dict.fromkeys(prompts))
+        tok = task.base.pipe.tokenizer
+        masks = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").attention_mask
+        embeds = torch.cat([task.encode(unique[i:i + 64]) for i in range(0, len(unique), 64)]).float()
+        return {p: (embeds[i], masks[i].to(embeds.device)) for i, p in enumerate(unique)}
+
+    def uce_rows(self, task) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Erase, guide and preserve token rows (float32) and the number of preserve prompts."""
+        pairs, preserve = self._plan(task)
+        enc = self._encode(task, [p for pair in pairs for p in pair] + preserve)
+        mode = self.config.tokens
+        rows = [aligned_rows(*enc[e], *enc[g], mode) for e, g in pairs]
+        erase = torch.cat([r[0] for r in rows])
+        guide = torch.cat([r[1] for r in rows])
+        keep = [preserve_rows(*enc[p], mode) for p in preserve]
+        keep = torch.cat(keep) if keep else erase.new_zeros(0, erase.shape[1])
+        return erase, guide, keep, len(preserve)
+
+    @staticmethod
+    @torch.no_grad()
+    def edit_layers(layers: list[tuple[str, nn.Linear]], T: torch.Tensor) -> None:
+        """W <- W T for every projection, refusing a non-finite result."""
+        for name, lin in layers:
+            if lin.in_features != T.shape[0]:
+                raise EraseError(f"{name} takes {lin.in_features}-d inputs but the text encoder gives {T.shape[0]}-d")
+            new = apply_map(lin.weight, T)
+            if not torch.isfinite(new).all():
+                raise EraseError(f"the closed-form edit of {name} is not finite; raise --lamb")
+            lin.weight.copy_(new)
+
+    def uce(self, ctx, layers: list[tuple[str, nn.Linear]]) -> None:
+        """The UCE edit of ``layers`` (projections of ``ctx.unwrapped``) in place."""
+        cfg = self.config
+        erase, guide, keep, n_preserve = self.uce_rows(ctx.task)
+        T = uce_map(erase, guide, keep, cfg.lamb, cfg.erase_scale, self.effective_preserve_scale(n_preserve))
+        self.edit_layers(layers, T)
+
+
+@register_method("uce")
+class UCE(_ClosedForm):
+    __doc__ = __doc__
+    Config = UCEConfig
+
+    def apply(self, ctx):
+        self.uce(ctx, kv_projections(ctx.unwrapped, self.config.edit))
