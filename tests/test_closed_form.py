@@ -10,7 +10,7 @@ import torch
 
 import erase
 from erase.cli import run_cli
-from erase.diffusion.closed_form import (
+from erase.methods._closed_form import (
     aligned_rows,
     apply_map,
     last_token_index,

@@ -7,8 +7,8 @@
 The cost of a closed-form solve or an optimiser step does not depend on the weights' values, so the
 pipeline is built from the published v1.4 configs (``SD14`` below) with random weights and saved
 once to a temporary folder; every measurement then loads it through the ordinary task adapter
-(``DiffusionTask``: loading, prompt encoding, and — until the task skips it for methods without
-data streams — generating one forget and one retain image, all inside ``load_s``) in a fresh
+(``DiffusionTask``: loading, prompt encoding, and for methods with data
+streams — the forget and retain images the method reads, one each, all inside ``load_s``) in a fresh
 subprocess, so each one's peak resident set is its own. Measurements (all at 256 px: latents
 32×32, batch 1, DDIM with v1.4's noise schedule — v1.4 ships PNDM, ESD samples with DDIM):
 
@@ -122,12 +122,13 @@ def _peak_rss_gb() -> float:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
-def _task(model_dir: Path, concept: str = "garbage truck", gradient_checkpointing: bool = False):
+def _task(model_dir: Path, concept: str = "garbage truck", gradient_checkpointing: bool = False,
+          streams: tuple[str, ...] = ()):
     from erase.diffusion.task import DiffusionConfig, DiffusionTask
 
     cfg = DiffusionConfig(model=str(model_dir), concept=concept, n_forget=1, n_retain=1, sample_steps=2,
                           eval_images=1, gradient_checkpointing=gradient_checkpointing)
-    return DiffusionTask(cfg)
+    return DiffusionTask(cfg, streams=streams)
 
 
 def _ctx(task, model, out: Path):
@@ -169,14 +170,13 @@ def measure_build(model_dir: Path, configs: dict) -> dict:
 
 
 def measure_uce(model_dir: Path, out: Path, n: int) -> dict:
-    from erase.diffusion.closed_form import uce_edit, uce_map
+    from erase.methods._closed_form import uce_edit, uce_map
     from erase.methods.uce import UCE, UCEConfig, kv_projections
 
     clock = _Clock()
     names = [f"concept {i}" for i in range(n)]
     with clock("load_s"):
-        task = _task(model_dir, names[0])
-        task.concepts.concepts = names  # several concepts at once (read by uce's _erase_concepts)
+        task = _task(model_dir, ",".join(names))  # several concepts at once
         model = task.build_model(False)
     rss_loaded = _rss_gb()
     method = UCE(UCEConfig())
@@ -227,14 +227,14 @@ def measure_step(model_dir: Path, out: Path, name: str, gradient_checkpointing: 
     from erase.engine.masking import ParameterMask
     from erase.engine.optim import build_optimizer
     from erase.engine.streams import Stream, move_to
-    from erase.registry import get_method
+    from erase.methods import get_method
 
     clock = _Clock()
+    cls = get_method(name, "diffusion")
     with clock("load_s"):
-        task = _task(model_dir, gradient_checkpointing=gradient_checkpointing)
+        task = _task(model_dir, gradient_checkpointing=gradient_checkpointing, streams=cls.streams)
         model = task.build_model(False)
     rss_loaded = _rss_gb()
-    cls = get_method(name, "diffusion")
     cfg = cls.Config(**{**cls.task_defaults.get("diffusion", {}), "batch_size": 1})
     if hasattr(cfg, "ddim_steps"):
         cfg.ddim_steps = ESD_DDIM_STEPS

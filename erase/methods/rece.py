@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from erase.diffusion.closed_form import TOKEN_MODES, rece_map, uce_map
 from erase.errors import EraseError
-from erase.methods.base import opt
+from erase.fields import opt
+from erase.methods._closed_form import TOKEN_MODES, rece_map, uce_map
 from erase.methods.uce import UCEConfig, _ClosedForm, kv_projections
 from erase.registry import register_method
 

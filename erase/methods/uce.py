@@ -1,7 +1,7 @@
 """uce — Unified Concept Editing (Gandikota et al., WACV 2024): a closed-form cross-attention edit.
 
 Every text cross-attention key and value projection (``attn2.to_k`` / ``attn2.to_v``: 32 matrices
-in SD 1.x) is rewritten independently in closed form (``erase.diffusion.closed_form``) so that the
+in SD 1.x) is rewritten independently in closed form (``erase.methods._closed_form``) so that the
 erased concepts' token vectors produce what the guide's tokens produced, the preserved concepts'
 outputs stay put, and the weights stay near the original (λ). No optimiser step runs, and the run
 writes the same model, grid, card and metrics as any other method.
@@ -33,15 +33,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from erase.diffusion.closed_form import TOKEN_MODES, aligned_rows, apply_map, preserve_rows, uce_map
+from erase.engine.method import Method, MethodConfig
 from erase.errors import EraseError
-from erase.methods.base import Method, MethodConfig, opt
+from erase.fields import opt
+from erase.methods._closed_form import TOKEN_MODES, aligned_rows, apply_map, preserve_rows, uce_map
 from erase.methods.esd import is_cross_attention
 from erase.registry import register_method
 
 
 @dataclass
 class UCEConfig(MethodConfig):
+    length_fields = ()  # a closed-form edit: no optimiser steps, so --epochs / --max-steps do not apply
     epochs: float = opt(0.0, "unused: a closed-form edit takes no optimiser steps")
     max_steps: int = opt(0, "unused: a closed-form edit takes no optimiser steps")
     guide: str = opt("", "what erased concepts are steered to: '' = the empty prompt (unconditional), one concept for "
@@ -65,10 +67,6 @@ class UCEConfig(MethodConfig):
             raise EraseError(f"--erase-scale must be >= 0, got {self.erase_scale}")
 
 
-def _erase_concepts(task) -> list[str]:
-    return getattr(task.concepts, "concepts", None) or [task.concepts.concept]
-
-
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -89,13 +87,25 @@ class _ClosedForm(Method):
     tasks = ("diffusion",)
     streams = ()
 
+    def _no_cross_attention(self) -> EraseError:
+        return EraseError(f"{self.name} edits text cross-attention (attn2.to_k/to_v); a class-conditional DDPM has "
+                          "none: use esd-u, salun, rl or ga")
+
+    def _adapters(self) -> EraseError:
+        return EraseError(f"{self.name} rewrites the projection weights in closed form; use --save-format pipeline "
+                          "or delta and --lora-rank 0")
+
+    def check_task_config(self, task_cfg) -> None:
+        if task_cfg.model_has_cross_attention() is False:
+            raise self._no_cross_attention()
+        if task_cfg.trains_adapters():
+            raise self._adapters()
+
     def check_task(self, task) -> None:
-        if task.kind != "sd":
-            raise EraseError(f"{self.name} edits text cross-attention (attn2.to_k/to_v); a class-conditional DDPM has "
-                             "none: use esd-u, salun, rl or ga")
-        if getattr(task, "lora", False):
-            raise EraseError(f"{self.name} rewrites the projection weights in closed form; use --save-format pipeline "
-                             "or delta and --lora-rank 0")
+        if not task.has_cross_attention:
+            raise self._no_cross_attention()
+        if task.trains_adapters:
+            raise self._adapters()
         self._plan(task)  # the guide / preserve lists are checked before any model work
 
     # -- prompts ----------------------------------------------------------------------------------
@@ -124,7 +134,7 @@ class _ClosedForm(Method):
     def _plan(self, task) -> tuple[list[tuple[str, str]], list[str]]:
         """(erase prompt, guide prompt) pairs and preserve prompts."""
         cs = task.concepts
-        concepts = _erase_concepts(task)
+        concepts = task.concepts.concepts
         templates = cs.templates if self.config.expand_prompts else []
         pairs = []
         for c, g in zip(concepts, self._guides(concepts)):
