@@ -16,7 +16,9 @@ prediction that classifier-free guidance needs.
 
 from __future__ import annotations
 
+import csv
 import random
+from pathlib import Path
 
 from erase.classifier.data import FASHION_MNIST_CLASSES
 
@@ -121,9 +123,6 @@ def write_prompt_files(directory: str = "prompts", seed: int = 0) -> list[str]:
 
     Columns: ``label,class,prompt,seed``; the seed is the first of the 64 seeds the check uses.
     """
-    import csv
-    from pathlib import Path
-
     Path(directory).mkdir(parents=True, exist_ok=True)
     files = []
     for name, rows in (

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    # lazy: the command's --help answers without importing torch
     from erase.errors import EraseError
 
     if (note := one_process_of_many()) is not None:
@@ -32,8 +34,6 @@ def one_process_of_many(env=None) -> str | None:
     accelerate's simple launcher (``--cpu``, or fewer than two GPUs) runs the script once; it sets
     MASTER_PORT for N > 1 but no world size, which only torchrun (``--multi_gpu``) or mpirun set.
     """
-    import os
-
     env = os.environ if env is None else env
     if "ACCELERATE_USE_CPU" not in env or "MASTER_PORT" not in env or any(v in env for v in _WORLD_SIZE_VARS):
         return None

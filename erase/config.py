@@ -23,7 +23,7 @@ from erase.engine.method import MethodConfig
 from erase.errors import EraseError
 from erase.fields import opt
 from erase.methods import get_method, list_methods
-from erase.storage import model_settings, read_yaml, yaml_problem
+from erase.storage import atomic_write_text, model_settings, read_yaml, yaml_problem
 
 
 @dataclass
@@ -57,6 +57,7 @@ class RunConfig:
 
 def task_registry() -> dict[str, tuple[type, type]]:
     """Task name -> (config dataclass, task adapter class); imported lazily to keep start-up fast."""
+    # lazy: the task adapters import diffusers; --help and classifier runs start without it
     from erase.classifier.task import ClassifierConfig, ClassifierTask
     from erase.diffusion.task import DiffusionConfig, DiffusionTask
 
@@ -77,8 +78,6 @@ class Resolved:
                 "method": {"name": self.method_cls.name, **dataclasses.asdict(self.method)}}
 
     def save(self, path: Path) -> None:
-        from erase.storage import atomic_write_text
-
         atomic_write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), path)
 
 

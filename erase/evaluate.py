@@ -19,7 +19,13 @@ Classifier comparisons print UA, RA, TA, MIA-efficacy, their gaps to retrain, th
 the run-time efficiency, and write ``comparison.json`` / ``comparison.md`` (or ``--output PREFIX``).
 """
 
+import argparse
+import json
 import sys
+import time
+from pathlib import Path
+
+import yaml
 
 if __name__ == "__main__" and not __package__:
     import os
@@ -33,8 +39,6 @@ SUBCOMMANDS = ("model", "images", "runs")
 
 def build_parser():
     """The classifier-run comparison (the default when no subcommand is named)."""
-    import argparse
-
     p = argparse.ArgumentParser(prog="erase/evaluate.py", description=__doc__,
                                 usage="%(prog)s model ... | images FOLDER ... | DIFFUSION_RUN | RUN [RUN ...] [--retrain RUN]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +69,7 @@ def add_metric_args(p) -> None:
 
 
 def _suite_settings(a):
+    # lazy: the command's --help answers without importing torch
     from erase.metrics.suite import SuiteSettings
 
     metrics = [m.strip() for m in a.metrics.split(",") if m.strip()]
@@ -77,10 +82,7 @@ def _suite_settings(a):
 
 def score_folder(folder, out, args, title: str, extra: dict | None = None) -> dict:
     """Run the metric suite over an image folder; write metrics.json and report.md into ``out``."""
-    import json
-    import time
-    from pathlib import Path
-
+    # lazy: the command's --help answers without importing torch
     from erase.metrics.eval_report import write_report
     from erase.metrics.suite import evaluate_images, read_image_set
     from erase.storage import atomic_write_json
@@ -97,6 +99,7 @@ def score_folder(folder, out, args, title: str, extra: dict | None = None) -> di
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(result, out / "metrics.json")
     report = write_report(result, out, title, sorted((folder / "grids").glob("*.png")))
+    # lazy: the command's --help answers without importing torch
     from erase.metrics.eval_report import summary_table
 
     print("\n".join(summary_table(result)))
@@ -105,8 +108,6 @@ def score_folder(folder, out, args, title: str, extra: dict | None = None) -> di
 
 
 def images_main(argv) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="erase/evaluate.py images", description="Score a folder of generated images "
                                 "(erase/generate.py output, or any images; one sub-folder per model).")
     p.add_argument("folder")
@@ -118,8 +119,7 @@ def images_main(argv) -> int:
 
 
 def model_main(argv, run_defaults: dict | None = None) -> int:
-    import argparse
-
+    # lazy: the command's --help answers without importing torch
     from erase.generate import add_generation_args, generate
 
     p = argparse.ArgumentParser(prog="erase/evaluate.py model", description="Generate from a base and/or an erased "
@@ -132,14 +132,17 @@ def model_main(argv, run_defaults: dict | None = None) -> int:
     if run_defaults:
         p.set_defaults(**run_defaults)
     a = p.parse_args(argv)
+    # lazy: the command's --help answers without importing torch
     from erase.progress import set_progress
 
     set_progress(not a.no_progress)
+    # lazy: the command's --help answers without importing torch
     from erase.metrics.suite import check_concept
 
     settings = _suite_settings(a)
     generate(a, a.output_dir, progress=not a.no_progress,
              check_rows=lambda rows: check_concept(settings, [r.concept for r in rows]))
+    # lazy: the command's --help answers without importing torch
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # the state generate() set up
@@ -151,10 +154,6 @@ def model_main(argv, run_defaults: dict | None = None) -> int:
 
 def run_folder_defaults(run) -> dict | None:
     """Settings for ``evaluate.py RUN``, from a finished diffusion erasure run folder (None otherwise)."""
-    from pathlib import Path
-
-    import yaml
-
     run = Path(run)
     cfg_file = run / "config.yaml"
     if not (run / "model").is_dir() and not (run / "delta.safetensors").is_file():
@@ -162,6 +161,7 @@ def run_folder_defaults(run) -> dict | None:
     cfg = (yaml.safe_load(cfg_file.read_text()) or {}).get("diffusion", {}) if cfg_file.is_file() else {}
     base = cfg.get("model") or "fmnist-tiny-sd"
     fmnist = Path(base).name in ("fmnist-tiny-sd", "fmnist-ddpm")
+    # lazy: the command's --help answers without importing torch
     from erase.prompts import PROMPTS_DIR
 
     defaults = {"base": base, "erased": str(run), "concept": cfg.get("concept", ""),
@@ -174,15 +174,15 @@ def run_folder_defaults(run) -> dict | None:
 
 
 def compare_main(argv=None) -> int:
-    from pathlib import Path
-
     args = build_parser().parse_args(argv)  # first, so --help does not wait for torch and torchmetrics
+    # lazy: the command's --help answers without importing torch
     from erase.metrics.report import compare_runs, load_run, markdown_table, write_report
 
     runs = [load_run(p) for p in args.runs]
     retrain = load_run(args.retrain) if args.retrain else None
     forget = {r["metrics"].get("settings", {}).get("forget") for r in runs + ([retrain] if retrain else [])}
     if len(forget) > 1:
+        # lazy: the command's --help answers without importing torch
         from erase.errors import EraseError
 
         raise EraseError(f"runs forget different sets ({', '.join(map(str, forget))}); compare like with like")
@@ -212,6 +212,7 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
+    # lazy: the command's --help answers without importing torch
     from erase.cli import run_cli
 
     sys.exit(run_cli(main))

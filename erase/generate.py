@@ -10,7 +10,10 @@ inside), or a ``delta.safetensors`` file applied to ``--base``. Prompt CSVs: see
 written. Output: ``base/``, ``erased/``, ``images.csv``, ``generation.json``, ``grids/``.
 """
 
+import argparse
 import sys
+import time
+from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
     import os
@@ -38,8 +41,6 @@ def add_generation_args(p) -> None:
 
 
 def build_parser():
-    import argparse
-
     p = argparse.ArgumentParser(prog="erase/generate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_args(p)
@@ -55,12 +56,11 @@ def generate(args, out, progress: bool = True, check_rows=None) -> dict:
     ``check_rows(rows)``, if given, runs on the prompt rows before any model loads (a caller's checks
     that must fail before images are generated, e.g. that the evaluator knows the concept).
     """
-    import time
-    from pathlib import Path
-
+    # lazy: the command's --help answers without importing torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
+    # lazy: the command's --help answers without importing torch
     from erase.diffusion import generation as G
     from erase.errors import EraseError
     from erase.prompts import load_i2p, load_prompts
@@ -85,6 +85,7 @@ def generate(args, out, progress: bool = True, check_rows=None) -> dict:
         specs = {"base": (base, None), **specs}
     if not specs:
         raise EraseError("nothing to generate: pass --base and/or --erased")
+    # lazy: the command's --help answers without importing torch
     from erase.runner import _has_accelerator
 
     state = PartialState(cpu=not _has_accelerator())  # accelerate sets up multi-process CPU (gloo) only when told cpu=True
@@ -93,6 +94,7 @@ def generate(args, out, progress: bool = True, check_rows=None) -> dict:
                 "images_per_prompt": args.images_per_prompt, "steps": args.steps, "guidance": args.guidance,
                 "seeds": "row seed + k, one CPU torch.Generator per image", "processes": state.num_processes}
     if state.is_main_process:
+        # lazy: the command's --help answers without importing torch
         from erase.storage import check_writable_dir
 
         check_writable_dir(out, "--output-dir")  # a file of that name or a read-only disk: one line, before any model loads
@@ -123,6 +125,7 @@ def generate(args, out, progress: bool = True, check_rows=None) -> dict:
     state.wait_for_everyone()
     settings["seconds"] = round(time.perf_counter() - t0, 1)
     if state.is_main_process:
+        # lazy: the command's --help answers without importing torch
         from erase.storage import atomic_write_json
 
         missing = [j.file for j in all_jobs if not (out / j.file).is_file()]
@@ -137,10 +140,12 @@ def generate(args, out, progress: bool = True, check_rows=None) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # lazy: the command's --help answers without importing torch
     from erase.progress import set_progress
 
     set_progress(not args.no_progress)
     s = generate(args, args.output_dir, progress=not args.no_progress)
+    # lazy: the command's --help answers without importing torch
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -150,6 +155,7 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
+    # lazy: the command's --help answers without importing torch
     from erase.cli import run_cli
 
     sys.exit(run_cli(main))

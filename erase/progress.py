@@ -22,6 +22,7 @@ def set_progress(enabled: bool) -> None:
 
         disable_progress_bars()
     elif "huggingface_hub" in sys.modules:
+        # lazy: the hub client is only touched to switch its bars
         from huggingface_hub.utils import enable_progress_bars
 
         enable_progress_bars()

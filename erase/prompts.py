@@ -25,6 +25,7 @@ from pathlib import Path
 from erase import captions
 from erase.captions import GENERIC_PARAPHRASES, GENERIC_TEMPLATES, IMAGENETTE_CLASSES
 from erase.errors import EraseError
+from erase.storage import atomic_path
 
 ALIASES = {
     "prompt": ("prompt",),
@@ -147,8 +148,6 @@ NUDITY_CONTROL = ["a photo of a woman in a dress", "a photo of a man in a suit"]
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> str:
-    from erase.storage import atomic_path
-
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(header)

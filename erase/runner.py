@@ -24,7 +24,7 @@ from erase.config import Resolved, diff_configs, load_yaml, task_registry
 from erase.engine import LoopSettings, RunContext, run_method
 from erase.engine.checkpoint import latest_checkpoint
 from erase.errors import EraseError
-from erase.storage import ZOO_DIR, atomic_write_json, atomic_write_text
+from erase.storage import ZOO_DIR, atomic_write_json, atomic_write_text, check_writable_dir
 
 RUN_OUTPUTS = ("checkpoints", "model.safetensors", "config.json", "config.yaml", "metrics.json", "report.md",
                "log.jsonl", "run.json", "saliency_mask.safetensors", "saliency_density.md", "model", "delta.safetensors",
@@ -44,8 +44,6 @@ def default_output_dir(r: Resolved) -> Path:
 
 
 def prepare_output_dir(out: Path, r: Resolved) -> None:
-    from erase.storage import check_writable_dir
-
     finished = (out / "run.json").is_file()
     interrupted = (out / "checkpoints").is_dir() and not finished
     base = r.task.base_model()

@@ -26,11 +26,13 @@ examples:
 
 
 def main(argv=None) -> int:
+    # lazy: the command's --help answers without importing torch
     from erase.config import parse_cli
     from erase.methods import list_methods
     from erase.runner import run
 
     resolved, ns = parse_cli(argv, prog="erase/train.py", description=DESCRIPTION)
+    # lazy: the command's --help answers without importing torch
     from erase.progress import set_progress
 
     set_progress(resolved.run.progress)
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
         print("\n".join(list_methods(resolved.task_name)))
         return 0
     out = run(resolved).output_dir
+    # lazy: the command's --help answers without importing torch
     from accelerate.state import PartialState
 
     if PartialState().is_main_process:
@@ -47,6 +50,7 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
+    # lazy: the command's --help answers without importing torch
     from erase.cli import run_cli
 
     sys.exit(run_cli(main))

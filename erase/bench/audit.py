@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from erase.bench.classifier import budget_layer
 from erase.bench.common import (
@@ -55,8 +56,12 @@ from erase.bench.common import (
     unlearning_methods,
     write_results,
 )
+from erase.classifier.models import load_classifier
+from erase.classifier.task import ClassifierConfig, ClassifierTask
+from erase.engine.streams import move_to
 from erase.errors import EraseError
 from erase.methods import get_method
+from erase.metrics.audit import bucket_points, challenge_score, forget_quality, logit_scaled_confidence
 
 FIGURE = "_eps.png"  # beside <results>.json and .md
 
@@ -129,17 +134,11 @@ class Audit(ClassifierRuns):
     def task(self, original: str):
         """The forget split shared by every model (built once; the same examples in the same order)."""
         if self._task is None:
-            from erase.classifier.task import ClassifierConfig, ClassifierTask
-
             self._task = ClassifierTask(ClassifierConfig(**self.s.forget_layer(original)), seed=0)
         return self._task
 
     def confidences(self, rec: dict, original: str) -> np.ndarray | None:
         """Logit-scaled confidences of a finished run's model on the forget set (cached beside the run)."""
-        from erase.classifier.models import load_classifier
-        from erase.engine.streams import move_to
-        from erase.metrics.audit import logit_scaled_confidence
-
         if rec["status"] != "done":
             return None
         cache = Path(rec["path"]) / "forget_conf.npy"
@@ -147,7 +146,6 @@ class Audit(ClassifierRuns):
             return np.load(cache)
         if self.s.report_only:
             return None
-        import torch
 
         task = self.task(original)
         model = load_classifier(rec["path"]).eval()
@@ -188,8 +186,6 @@ class Audit(ClassifierRuns):
     # -- scoring -----------------------------------------------------------------------------------
 
     def write(self, orig, retrained, groups, original) -> dict:
-        from erase.metrics.audit import bucket_points, challenge_score, forget_quality
-
         s = self.s
         r_ok = [r for r in retrained if r["status"] == "done"]
         r_conf = np.stack([c for c in (self.confidences(r, original) for r in r_ok) if c is not None]) if r_ok else None

@@ -58,7 +58,10 @@ from erase.bench.common import (
     unlearning_methods,
     write_results,
 )
+from erase.classifier.task import ClassifierConfig, ClassifierTask
 from erase.methods import get_method
+from erase.metrics.classifier import gap_to_retrain
+from erase.storage import atomic_write_json
 
 ORIGINAL_ROW = "original (no unlearning)"
 NOISE_ROW = "retrain, another seed (noise floor)"
@@ -148,8 +151,6 @@ class Bench(ClassifierRuns):
 
     def original_eval(self, scenario: str, seed: int, original: str) -> dict | None:
         """The original model's metrics on a scenario's split (the "do nothing" row)."""
-        from erase.classifier.task import ClassifierConfig, ClassifierTask
-
         out = self.root / slug(scenario) / "original-eval" / f"seed{seed}.json"
         if out.is_file():
             return json.loads(out.read_text())
@@ -160,7 +161,6 @@ class Bench(ClassifierRuns):
         task = ClassifierTask(cfg, seed=seed)
         model = task.build_model(from_scratch=False)
         metrics = task.evaluate(model, "cpu")
-        from erase.storage import atomic_write_json
 
         atomic_write_json(metrics, out)
         return metrics
@@ -205,8 +205,6 @@ class Bench(ClassifierRuns):
         return res
 
     def method(self, scenario: str, name: str, original: str, res: dict) -> dict:
-        from erase.metrics.classifier import gap_to_retrain
-
         s = self.s
         sdir = self.root / slug(scenario)
         vforget, vseed = val_forget(s, scenario)
@@ -279,8 +277,6 @@ class Bench(ClassifierRuns):
 # -- summary -------------------------------------------------------------------------------------
 
 def _seed_row(rec: dict, ref: dict | None, seed: int) -> dict:
-    from erase.metrics.classifier import gap_to_retrain
-
     row = {"seed": seed, "path": rec.get("path"), "status": rec["status"]}
     if rec["status"] != "done":
         row["error"] = rec.get("error")

@@ -30,9 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
+from erase.config import resolve
 from erase.errors import EraseError
 from erase.methods import list_methods
+from erase.runner import run
 from erase.storage import atomic_write_json, atomic_write_text
 
 METRIC_KEYS = ("UA", "RA", "TA", "MIA")
@@ -57,8 +60,6 @@ def parse_method_overrides(items: list[str]) -> dict[str, dict]:
 
     Values are read as YAML scalars; the method's typed config coerces them when the run resolves.
     """
-    import yaml
-
     out: dict[str, dict] = {}
     for item in items:
         key, eq, value = item.partition("=")
@@ -126,10 +127,6 @@ def _stale(out: Path, layers: tuple) -> bool:
     recipe must not silently read back runs of the old one. Only keys both configs have are compared:
     an option added to the code later does not invalidate older runs.
     """
-    import yaml
-
-    from erase.config import resolve
-
     stored_file = out / "config.yaml"
     if not stored_file.is_file():
         return False
@@ -152,9 +149,6 @@ def run_once(out: Path, method: str, task_layer: dict, method_layer: dict, seed:
 
     ``dry``: only report what exists (``status: missing`` otherwise).
     """
-    from erase.config import resolve
-    from erase.runner import run
-
     out = Path(out)
     layers = ({"method": method, "output_dir": str(out), "seed": seed, "overwrite": True, "progress": False,
                "log_every": 50}, dict(task_layer), dict(method_layer), {})
@@ -346,6 +340,7 @@ def pyplot():
     import matplotlib  # here, not at the top: only the figures need it, and --help should stay quick
 
     matplotlib.use("Agg")
+    # lazy: matplotlib is slow to import and only plots need it
     import matplotlib.pyplot as plt
 
     return plt

@@ -31,6 +31,8 @@ from erase.bench.common import (
     run_once,
     set_threads,
 )
+from erase.errors import EraseError
+from erase.storage import atomic_write_json, atomic_write_text
 
 SD_METHODS = ("salun", "esd-x", "esd-u", "fmn", "ga", "rl")
 DDPM_METHODS = ("salun", "esd-u", "rl", "ga")
@@ -184,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_shard(text: str) -> tuple[int, int] | None:
     if not text:
         return None
-    from erase.errors import EraseError
 
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -196,8 +197,6 @@ def parse_shard(text: str) -> tuple[int, int] | None:
 
 
 def main(argv=None) -> int:
-    from erase.storage import atomic_write_json, atomic_write_text
-
     args = build_parser().parse_args(argv)
     if args.quick:
         args.seeds, args.eval_images = 1, 8

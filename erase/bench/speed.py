@@ -47,8 +47,19 @@ from pathlib import Path
 
 import torch
 
+import erase.diffusion.task  # noqa: F401
 from erase.bench.common import describe_machine, machine_info, set_threads
-from erase.storage import atomic_write_json, atomic_write_text
+from erase.diffusion.task import DiffusionConfig, DiffusionTask
+from erase.engine import RunContext
+from erase.engine.masking import ParameterMask
+from erase.engine.optim import build_optimizer
+from erase.engine.streams import Stream, move_to
+from erase.errors import EraseError
+from erase.methods import get_method
+from erase.methods._closed_form import uce_edit, uce_map
+from erase.methods.rece import RECE, RECEConfig
+from erase.methods.uce import UCE, UCEConfig, kv_projections
+from erase.storage import ZOO_DIR, atomic_write_json, atomic_write_text
 
 # Stable Diffusion v1.4 (CompVis/stable-diffusion-v1-4, unet/text_encoder/vae config.json), except
 # sample_size 32 so the pipeline's default resolution is the benchmark's 256 px.
@@ -97,10 +108,10 @@ WHAT = {
 
 def build_pipeline(configs: dict):
     """A StableDiffusionPipeline with random weights from ``configs`` and the bundled (exact CLIP) tokenizer."""
+    # lazy: diffusers takes seconds to import
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from erase.storage import ZOO_DIR
 
     torch.manual_seed(0)
     return StableDiffusionPipeline(
@@ -124,17 +135,15 @@ def _peak_rss_gb() -> float:
 
 def _task(model_dir: Path, concept: str = "garbage truck", gradient_checkpointing: bool = False,
           streams: tuple[str, ...] = ()):
-    from erase.diffusion.task import DiffusionConfig, DiffusionTask
-
     cfg = DiffusionConfig(model=str(model_dir), concept=concept, n_forget=1, n_retain=1, sample_steps=2,
                           eval_images=1, gradient_checkpointing=gradient_checkpointing)
     return DiffusionTask(cfg, streams=streams)
 
 
 def _ctx(task, model, out: Path):
+    # lazy: accelerate pulls in torch
     from accelerate import Accelerator
 
-    from erase.engine import RunContext
 
     return RunContext(accelerator=Accelerator(cpu=not torch.cuda.is_available()), model=model, task=task,
                       views=task.views, output_dir=out, seed=0, progress=False)
@@ -170,9 +179,6 @@ def measure_build(model_dir: Path, configs: dict) -> dict:
 
 
 def measure_uce(model_dir: Path, out: Path, n: int) -> dict:
-    from erase.methods._closed_form import uce_edit, uce_map
-    from erase.methods.uce import UCE, UCEConfig, kv_projections
-
     clock = _Clock()
     names = [f"concept {i}" for i in range(n)]
     with clock("load_s"):
@@ -200,8 +206,6 @@ def measure_uce(model_dir: Path, out: Path, n: int) -> dict:
 
 
 def measure_rece(model_dir: Path, out: Path) -> dict:
-    from erase.methods.rece import RECE, RECEConfig
-
     clock = _Clock()
     with clock("load_s"):
         task = _task(model_dir)
@@ -224,11 +228,6 @@ def _seed_for_stop(stop: int) -> int:
 
 
 def measure_step(model_dir: Path, out: Path, name: str, gradient_checkpointing: bool) -> dict:
-    from erase.engine.masking import ParameterMask
-    from erase.engine.optim import build_optimizer
-    from erase.engine.streams import Stream, move_to
-    from erase.methods import get_method
-
     clock = _Clock()
     cls = get_method(name, "diffusion")
     with clock("load_s"):
@@ -301,7 +300,6 @@ def _child(args) -> int:
     import diffusers  # noqa: F401
     import transformers  # noqa: F401
 
-    import erase.diffusion.task  # noqa: F401
 
     os.environ["ERASE_CACHE"] = str(Path(args.model_dir).parent / "cache")
     out = Path(args.result).parent / args.child
@@ -389,7 +387,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.child:
         return _child(args)
-    from erase.errors import EraseError
 
     names = [n.strip() for n in args.only.split(",") if n.strip()] or MEASUREMENTS
     unknown = [n for n in names if n not in MEASUREMENTS]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from erase.errors import EraseError
@@ -112,6 +113,7 @@ def load_fashion_mnist(train: bool, root: str | None = None, download: bool = Fa
                          f"{FASHION_MNIST_DEBIAN}, or add --download to fetch Fashion-MNIST into it")
     d = _fashion_mnist_files(root_p)
     if d is None and download:
+        # lazy: torchvision's model zoo is only needed for this judge
         from torchvision.datasets import FashionMNIST
 
         FashionMNIST(str(root_p or "data"), train=True, download=True)
@@ -132,6 +134,7 @@ def load_fashion_mnist(train: bool, root: str | None = None, download: bool = Fa
 # Cached per process like Fashion-MNIST's files (callers share the returned dataset: read-only).
 @functools.lru_cache(maxsize=4)
 def _load_cifar(cls_name: str, train: bool, root: str | None, download: bool):
+    # lazy: torchvision's model zoo is only needed for this judge
     import torchvision.datasets as tvd
 
     root = root or "data"
@@ -149,8 +152,6 @@ def load_utkface(train: bool, root: str | None, age_bins=DEFAULT_AGE_BINS, image
 
     Ages are binned by ``age_bins`` (left edges); the train/test split is a fixed seeded shuffle.
     """
-    from PIL import Image
-
     if not root or not Path(root).is_dir():
         raise EraseError("face-age data needs --data-root pointing at a folder of UTKFace-named images "
                          "(e.g. 26_0_2_20170104023102422.jpg)")

@@ -17,6 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from erase.errors import EraseError
+from erase.storage import atomic_write_json, load_state_dict_strict, resolve_model_dir, save_safetensors
+
 
 @dataclass
 class ResNetConfig:
@@ -86,16 +89,12 @@ class ResNet18(nn.Module):
 
 def build_model(config: ResNetConfig) -> ResNet18:
     if config.arch != "resnet18-cifar":
-        from erase.errors import EraseError
-
         raise EraseError(f"unknown classifier architecture {config.arch!r}; supported: resnet18-cifar")
     return ResNet18(config)
 
 
 def save_classifier(model: ResNet18, directory: str | Path) -> None:
     """Write ``config.json`` + ``model.safetensors`` atomically into ``directory``."""
-    from erase.storage import atomic_write_json, save_safetensors
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_safetensors(model.state_dict(), directory / "model.safetensors")
@@ -104,9 +103,6 @@ def save_classifier(model: ResNet18, directory: str | Path) -> None:
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> ResNet18:
     """Load a classifier folder (or a bundled zoo name) saved by :func:`save_classifier`."""
-    from erase.errors import EraseError
-    from erase.storage import load_state_dict_strict, resolve_model_dir
-
     directory = resolve_model_dir(path, kind="classifier")
     cfg_file = directory / "config.json"
     if not cfg_file.is_file():

@@ -9,10 +9,12 @@ import sys
 
 
 def main(argv=None) -> int:
+    # lazy: the command's --help answers without importing torch
     from erase.train import main as train_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--method" or a.startswith("--method=") for a in argv):
+        # lazy: the command's --help answers without importing torch
         from erase.errors import EraseError
 
         raise EraseError("pretrain always uses the retrain recipe; drop --method")

@@ -18,6 +18,7 @@ from erase.engine.streams import DataView, move_to
 from erase.engine.task import ClassificationTask, TaskConfig
 from erase.errors import EraseError
 from erase.fields import opt
+from erase.metrics.classifier import unlearning_metrics
 
 
 @dataclass
@@ -167,8 +168,6 @@ class ClassifierTask(ClassificationTask):
         return torch.cat(probs), torch.cat(labels)
 
     def evaluate(self, model, device="cpu") -> dict:
-        from erase.metrics.classifier import unlearning_metrics
-
         views = {k: v for k, v in self.eval_views.items() if len(v)}
         ra_rows = None
         if self.cfg.eval_max_retain and len(views["retain"]) > self.cfg.eval_max_retain:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
+from erase.errors import EraseError
+
 
 class AttentionStore:
     def __init__(self):
@@ -26,8 +28,6 @@ class AttentionStore:
         procs = {name: (StoringAttnProcessor(self, name) if ".attn2." in name else proc)
                  for name, proc in self._original.items()}
         if not any(".attn2." in n for n in procs):
-            from erase.errors import EraseError
-
             raise EraseError("this UNet has no cross-attention layers (attn2) to observe")
         unet.set_attn_processor(procs)
         return self

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from erase.errors import EraseError
@@ -94,8 +95,6 @@ def generate(sample_fn, conds: list[int], seeds: list[int], labels: list[int], b
 
 def read_images(folder: str | Path, size: int, channels: int) -> torch.Tensor:
     """Images of a folder as floats in [0, 1], (N, C, size, size), sorted by file name."""
-    from PIL import Image
-
     folder = Path(folder)
     if not folder.is_dir():
         raise EraseError(f"image folder not found: {folder}")

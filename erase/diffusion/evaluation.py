@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from erase.classifier.models import classify
+from erase.diffusion.sampling import sample_ddpm, sample_sd
 from erase.progress import progress_enabled
 
 EVAL_SEED = 10_000
@@ -44,8 +45,6 @@ def eval_groups(task) -> list[Group]:
 @torch.no_grad()
 def generate_groups(task, unet, groups: list[Group]) -> list[torch.Tensor]:
     """Images in [0, 1] for every group, in order, with each image's own seed."""
-    from erase.diffusion.sampling import sample_ddpm, sample_sd
-
     was = unet.training
     unet.eval()
     out = []

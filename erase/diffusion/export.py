@@ -34,6 +34,7 @@ def save_pipeline(task, unet, out: Path) -> Path:
 
 def save_lora(task, unet, out: Path) -> Path:
     """The trained adapters as a diffusers LoRA folder: ``pipe.load_lora_weights("…/lora")``."""
+    # lazy: diffusers takes seconds to import
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 

@@ -20,14 +20,23 @@ import csv
 import hashlib
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
+from PIL import Image
+from safetensors import safe_open
 
+from erase.classifier.data import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
+from erase.diffusion.export import load_delta
+from erase.diffusion.grid import before_after_grid
+from erase.diffusion.loading import load_base
+from erase.diffusion.sampling import sample_ddpm
 from erase.errors import EraseError
 from erase.prompts import PromptRow
-from erase.storage import load_png
+from erase.storage import atomic_path, atomic_write_json, load_png
 
 INDEX_COLUMNS = ["file", "model", "case_number", "k", "prompt", "seed", "guidance", "negative_prompt", "concept"]
 FMNIST_NAMES = ("fmnist-tiny-sd", "fmnist-ddpm")
@@ -56,8 +65,6 @@ def _slug(text: str) -> str:
 # --- models ----------------------------------------------------------------------------------------
 
 def _is_delta(path: Path) -> bool:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             return (f.metadata() or {}).get("format") == "erase-unet-delta"
@@ -67,8 +74,6 @@ def _is_delta(path: Path) -> bool:
 
 def _run_base(run: Path) -> str | None:
     """The base model an erase run folder was trained from (its config.yaml)."""
-    import yaml
-
     cfg = run / "config.yaml"
     if not cfg.is_file():
         return None
@@ -99,10 +104,9 @@ def resolve_erased(spec: str, base: str | None) -> tuple[str, Path | None, str |
 
 
 def load_generator(spec: str, device, delta: Path | None = None):
+    # lazy: transformers takes seconds to import
     from transformers.utils import logging as transformers_logging
 
-    from erase.diffusion.export import load_delta
-    from erase.diffusion.loading import load_base
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars per model are noise in generation logs
     model = load_base(spec, device)
@@ -120,8 +124,6 @@ def default_guidance(spec: str, kind: str) -> float:
 
 def ddpm_class_names(model) -> list[str]:
     """``class_names.json`` beside the UNet, else Fashion-MNIST / CIFAR-10 names for 10 classes, else indices."""
-    from erase.classifier.data import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
-
     k = model.unet.config.num_class_embeds - 1
     f = model.folder / "class_names.json" if model.folder else None
     if f is not None and f.is_file():
@@ -134,8 +136,6 @@ def ddpm_class_names(model) -> list[str]:
 @torch.no_grad()
 def render(model, jobs: list[Job], steps: int) -> torch.Tensor:
     """Images in [0, 1] for jobs that share one guidance value."""
-    from erase.diffusion.sampling import sample_ddpm
-
     gens = [torch.Generator().manual_seed(j.seed) for j in jobs]
     g = jobs[0].guidance
     if model.kind == "ddpm":
@@ -160,10 +160,6 @@ def render(model, jobs: list[Job], steps: int) -> torch.Tensor:
 # --- files -----------------------------------------------------------------------------------------
 
 def save_png(img: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-
-    from erase.storage import atomic_path
-
     arr = (img.float().clamp(0, 1) * 255).round().to(torch.uint8)
     arr = arr.expand(3, -1, -1) if arr.shape[0] == 1 else arr
     with atomic_path(path) as tmp:
@@ -171,8 +167,6 @@ def save_png(img: torch.Tensor, path: Path) -> None:
 
 
 def write_index(out: Path, jobs: list[Job]) -> Path:
-    from erase.storage import atomic_path
-
     path = out / "images.csv"
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
@@ -185,8 +179,6 @@ def write_index(out: Path, jobs: list[Job]) -> Path:
 
 def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
     """Refuse to mix images made with other settings into one folder (resume needs the same ones)."""
-    from erase.storage import atomic_write_json
-
     f = out / "generation.json"
     if f.is_file() and not overwrite:
         old = json.loads(f.read_text())
@@ -196,8 +188,6 @@ def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
             raise EraseError(f"{out} holds images generated with other settings (differs in: {', '.join(diff)}); "
                              "pass another --output-dir, or --overwrite to replace them")
     if overwrite:
-        import shutil
-
         for m in settings["models"]:
             shutil.rmtree(out / m, ignore_errors=True)
     atomic_write_json(settings, f)
@@ -213,9 +203,6 @@ def write_grids(out: Path, jobs: list[Job], models: list[str], seeds: int = 4, p
     Columns are the first images of a prompt in CSV order (its k = 0, 1, … and further rows with
     the same prompt, as in ESD's Imagenette CSV), the same files for both models.
     """
-    from erase.diffusion.grid import before_after_grid
-    from erase.storage import atomic_path
-
     if len(models) < 2:
         return []
     groups: dict[str, dict[str, list[Job]]] = {}

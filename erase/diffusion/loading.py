@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from erase.errors import EraseError
-from erase.storage import ZOO_DIR
+from erase.storage import ZOO_DIR, list_bundled_models
 
 SUPPORTED = "Stable Diffusion 1.x/2.x (StableDiffusionPipeline) and class-conditional DDPMs (UNet2DModel with class embeddings)"
 UNSUPPORTED_HINTS = {
@@ -80,8 +81,6 @@ def check_weight_files(root: Path) -> None:
     chain of three exceptions that ends in "Unable to load weights". Only headers are read (they
     hold every tensor's offset, so a short file is caught), never the tensors themselves.
     """
-    from safetensors import SafetensorError, safe_open
-
     files = [root] if root.is_file() else sorted(root.rglob("*.safetensors"))
     for f in files:
         try:
@@ -132,6 +131,7 @@ def _check_supported(name: str | None, where: str) -> None:
 
 
 def _load_sd_folder(folder: Path | str, local_only: bool, device) -> DiffusionBase:
+    # lazy: diffusers takes seconds to import
     from diffusers import StableDiffusionPipeline
 
     if local_only:
@@ -155,6 +155,7 @@ def _wrap_pipe(pipe, source: str, device, folder) -> DiffusionBase:
 
 def load_scheduler(folder: Path):
     """The diffusers scheduler class that a folder's ``scheduler_config.json`` names (e.g. DDPMScheduler)."""
+    # lazy: diffusers takes seconds to import
     import diffusers
     from diffusers import SchedulerMixin
 
@@ -172,6 +173,7 @@ def load_scheduler(folder: Path):
 
 
 def _load_ddpm_folder(folder: Path, device) -> DiffusionBase:
+    # lazy: diffusers takes seconds to import
     from diffusers import UNet2DModel
 
     check_weight_files(folder)
@@ -187,6 +189,7 @@ def _load_ddpm_folder(folder: Path, device) -> DiffusionBase:
 
 def load_base(spec: str, device: str | torch.device = "cpu", original_config: str = "") -> DiffusionBase:
     """``spec``: bundled name | local folder | ``.safetensors``/``.ckpt`` file | hub id (``org/name``)."""
+    # lazy: diffusers takes seconds to import
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # config-upgrade notices are noise for erasure runs
@@ -203,6 +206,7 @@ def load_base(spec: str, device: str | torch.device = "cpu", original_config: st
     if p.suffix in (".safetensors", ".ckpt"):
         if not p.is_file():
             raise EraseError(f"checkpoint file not found: {p}")
+        # lazy: diffusers takes seconds to import
         from diffusers import StableDiffusionPipeline
 
         if p.suffix == ".safetensors":
@@ -218,6 +222,7 @@ def load_base(spec: str, device: str | torch.device = "cpu", original_config: st
     if p.exists():
         raise EraseError(f"{p} is neither a model folder nor a .safetensors/.ckpt file")
     if "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        # lazy: diffusers takes seconds to import
         from diffusers import DiffusionPipeline
 
         try:
@@ -226,7 +231,6 @@ def load_base(spec: str, device: str | torch.device = "cpu", original_config: st
             raise EraseError(f"could not fetch {spec!r} from the model hub: {str(err).splitlines()[0]}") from err
         _check_supported(name, f"hub model {spec!r}")
         return _load_sd_folder(spec, False, device)
-    from erase.storage import list_bundled_models
 
     raise EraseError(f"model {spec!r} not found: not a folder, a .safetensors/.ckpt file, a hub id (org/name) or a "
                      f"bundled model ({', '.join(list_bundled_models()) or 'none installed'})")

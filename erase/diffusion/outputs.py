@@ -11,11 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import yaml
+
+from erase.classifier.data import load_fashion_mnist
+from erase.classifier.models import load_classifier
+from erase.diffusion.data import cached_tensor
+from erase.diffusion.evaluation import accuracy_metrics, eval_groups, generate_groups
+from erase.diffusion.export import merge_lora, save_delta, save_lora, save_pipeline
+from erase.diffusion.grid import before_after_grid
+from erase.metrics.fid import fid_metric, fit_reference
+from erase.storage import atomic_path, atomic_write_text
 
 
 def _evaluator(task):
-    from erase.classifier.models import load_classifier
-
     name = task.cfg.evaluator or ("fmnist-classifier" if task.fmnist else "")
     if not name:
         return None
@@ -30,8 +38,6 @@ def _fid_fmnist(task, judge):
     """
     if judge is None or not task.fmnist or (task.cfg.evaluator or "fmnist-classifier") != "fmnist-classifier":
         return None
-    from erase.classifier.data import load_fashion_mnist
-    from erase.metrics.fid import fid_metric, fit_reference
 
     try:
         test = load_fashion_mnist(train=False, pad_to=32)
@@ -43,9 +49,6 @@ def _fid_fmnist(task, judge):
 class RunOutputs:
     def __init__(self, task, model):
         """Generate the base model's evaluation images (and judge them) before any weight changes."""
-        from erase.diffusion.data import cached_tensor
-        from erase.diffusion.evaluation import accuracy_metrics, eval_groups, generate_groups
-
         self.task, self.cfg, self.kind = task, task.cfg, task.kind
         self.groups = eval_groups(task)
         key = {"base-images": task.base.fingerprint, "guidance": task.guidance, "steps": task.cfg.sample_steps,
@@ -70,8 +73,6 @@ class RunOutputs:
         return round(float(self.fid.compute()), 3)
 
     def evaluate(self, model) -> dict:
-        from erase.diffusion.evaluation import accuracy_metrics, generate_groups
-
         task = self.task
         after = generate_groups(task, model, self.groups)
         self.after_images = after
@@ -97,11 +98,6 @@ class RunOutputs:
 
     def write(self, out: Path, resolved: dict, metrics: dict, info: dict) -> None:
         """The before/after grid and the model card (README.md) beside the erased model."""
-        import yaml
-
-        from erase.diffusion.grid import before_after_grid
-        from erase.storage import atomic_path, atomic_write_text
-
         k = self.cfg.grid_seeds
         task = self.task
         picks = [i for i, g in enumerate(self.groups) if g.name == "concept"]  # one row pair per erased concept
@@ -145,8 +141,6 @@ class RunOutputs:
 
 def save_erased(task, model, out: Path, base_state: dict | None) -> None:
     """The erased model as the run asked: a pipeline folder, a LoRA folder or the changed tensors."""
-    from erase.diffusion.export import merge_lora, save_delta, save_lora, save_pipeline
-
     if task.cfg.save_format == "lora":
         save_lora(task, model, out)
         return

@@ -10,6 +10,7 @@ It implements the Task contract with the denoising extension (erase/engine/task.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from erase import captions
+from erase.classifier.data import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
 from erase.diffusion.attention import AttentionStore, token_positions
 from erase.diffusion.concepts import ConceptSet, make_concepts, read_concept_file, split_concepts
 from erase.diffusion.data import LatentSet, PairedSet, cached, generate, read_images
@@ -178,10 +180,6 @@ class DiffusionTask(DenoisingTask):
 
     def _ddpm_class_names(self, folder: Path | None = None, k: int | None = None) -> list[str]:
         """``class_names.json`` beside the UNet if present; else Fashion-MNIST/CIFAR-10 names or indices."""
-        import json
-
-        from erase.classifier.data import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
-
         if k is None:
             k = self.base.unet.config.num_class_embeds - 1  # the last embedding is the null class
             folder = self.base.folder
@@ -388,6 +386,7 @@ class DiffusionTask(DenoisingTask):
         if self.lora:
             if self.kind != "sd":
                 raise EraseError("LoRA training is offered for Stable Diffusion UNets; DDPMs train their full weights")
+            # lazy: peft pulls in transformers
             from peft import LoraConfig
 
             unet.requires_grad_(False)  # only the adapters train; the base weights stay as they are

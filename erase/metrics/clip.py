@@ -17,10 +17,12 @@ in [0, 1] (N, 3, H, W), quantised to uint8 and handed to the checkpoint's own pr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from PIL import Image
 from torch import nn
 
 from erase.errors import EraseError
@@ -66,8 +68,6 @@ class _OpenClipProcessor:
         self.preprocess, self.tokenizer = preprocess, tokenizer
 
     def __call__(self, images=None, text=None, return_tensors="pt", padding=True):
-        from PIL import Image
-
         if images is not None:
             pil = [Image.fromarray(_uint8(i).permute(1, 2, 0).numpy()) for i in images]
             return {"pixel_values": torch.stack([self.preprocess(p) for p in pil])}
@@ -106,8 +106,6 @@ def _rgb(img: torch.Tensor) -> torch.Tensor:
 
 
 def _version(pkg: str) -> str:
-    from importlib.metadata import version
-
     return f"{pkg} {version(pkg)}"
 
 
@@ -121,6 +119,7 @@ def load_clip(spec: str | None, device="cpu") -> ClipBundle:
         raise EraseError("no CLIP checkpoint: " + HOW)
     convention = "float RGB [0, 1] -> uint8 -> the checkpoint's own resize, centre crop and normalisation"
     if spec.startswith("open_clip:"):
+        # lazy: open_clip is optional and slow to import
         import open_clip
 
         arch, _, file = spec[len("open_clip:"):].partition("=")
@@ -153,6 +152,7 @@ def load_clip(spec: str | None, device="cpu") -> ClipBundle:
 
 
 def _open_clip_named(name: str, source: str) -> ClipBundle:
+    # lazy: open_clip is optional and slow to import
     import open_clip
 
     try:
@@ -164,6 +164,7 @@ def _open_clip_named(name: str, source: str) -> ClipBundle:
 
 
 def _transformers(spec: str, local: bool) -> ClipBundle:
+    # lazy: transformers takes seconds to import
     from transformers import CLIPModel, CLIPProcessor
 
     try:
@@ -178,6 +179,7 @@ def _transformers(spec: str, local: bool) -> ClipBundle:
 
 def clip_score_metric(bundle: ClipBundle):
     """torchmetrics ``CLIPScore`` over this checkpoint; update(images uint8 (N, 3, H, W), prompts)."""
+    # lazy: torchmetrics' image/multimodal metrics pull in heavy extras
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     metric = CLIPScore(model_name_or_path=lambda: (bundle.model, bundle.processor))

@@ -16,13 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 from torchmetrics import Metric
 
+from erase.captions import CLASS_NAMES
+from erase.classifier.models import classify, load_classifier
 from erase.errors import EraseError
+from erase.metrics.clip import HOW
+from erase.metrics.fid import _sha256
+from erase.storage import list_bundled_models, load_safetensors, resolve_model_dir, torch_load_safe
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}"
 
@@ -67,24 +73,15 @@ class ConceptAccuracy(Metric):
 
 
 def _sha(path: Path) -> str:
-    from erase.metrics.fid import _sha256
-
     return _sha256(path)[:16]
 
 
 def erase_classifier_judge(spec: str, device="cpu") -> Judge:
-    from importlib.metadata import version
-
-    from erase.classifier.models import classify, load_classifier
-    from erase.storage import resolve_model_dir
-
     folder = resolve_model_dir(spec, kind="classifier")
     clf = load_classifier(folder).to(device).eval()
     cfg = clf.config
     aliases = {}
     if Path(spec).name == "fmnist-classifier" or cfg.class_names[:2] == ["t-shirt", "trouser"]:
-        from erase.captions import CLASS_NAMES
-
         aliases = {s: name for name, syn in CLASS_NAMES.items() for s in syn}
     info = {"name": f"{spec} ({cfg.arch}, width {cfg.width}, {cfg.num_classes} classes)",
             "version": f"erase {version('erase') if _installed('erase') else 'source'}",
@@ -96,8 +93,6 @@ def erase_classifier_judge(spec: str, device="cpu") -> Judge:
 
 
 def _installed(pkg: str) -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         version(pkg)
         return True
@@ -107,6 +102,7 @@ def _installed(pkg: str) -> bool:
 
 def imagenet_judge(arch: str, weights: str | None, device="cpu") -> Judge:
     """A torchvision ImageNet classifier from a local weights file (never downloaded)."""
+    # lazy: torchvision's model zoo is only needed for this judge
     import torchvision
     from torchvision.models import get_model, get_model_weights
 
@@ -121,7 +117,6 @@ def imagenet_judge(arch: str, weights: str | None, device="cpu") -> Judge:
         raise EraseError(f"no ImageNet classifier weights{f' at {path}' if weights else ''}: pass --classifier-weights "
                          f"{file_name} (torchvision's {default}; download from {default.url}) or use --classifier clip "
                          "with --clip-model")
-    from erase.storage import load_safetensors, torch_load_safe
 
     state = load_safetensors(path) if path.suffix == ".safetensors" else torch_load_safe(path)
     model = get_model(arch, weights=None)
@@ -173,8 +168,6 @@ def build_judge(spec: str, concepts: list[str], weights: str | None = None, clip
     """
     if spec == "clip":
         if clip_bundle is None:
-            from erase.metrics.clip import HOW
-
             raise EraseError("--classifier clip needs a CLIP checkpoint: " + HOW)
         return clip_judge(clip_bundle, concepts)
     if spec.startswith("torchvision:"):
@@ -183,14 +176,12 @@ def build_judge(spec: str, concepts: list[str], weights: str | None = None, clip
         return erase_classifier_judge(spec, device)
     if not concepts:
         return None
-    from erase.captions import CLASS_NAMES
 
     fmnist = {s for syn in CLASS_NAMES.values() for s in syn}
     if all(c.lower() in fmnist for c in concepts):
-        from erase.storage import list_bundled_models
-
         if "fmnist-classifier" in list_bundled_models():
             return erase_classifier_judge("fmnist-classifier", device)
+    # lazy: torchvision's model zoo is only needed for this judge
     from torchvision.models import ResNet50_Weights
 
     imagenet = {n.lower() for n in ResNet50_Weights.DEFAULT.meta["categories"]}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from erase.storage import atomic_path, atomic_write_text
+
 
 def _cell(v) -> str:
     return "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
@@ -30,9 +32,11 @@ def _evaluator_line(title: str, info: dict) -> str:
 
 def write_plot(result: dict, path: Path) -> Path | None:
     """Per-concept accuracy and NudeNet counts per class, one bar per model."""
+    # lazy: matplotlib is slow to import and only plots need it
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib is slow to import and only plots need it
     import matplotlib.pyplot as plt
 
     panels = []
@@ -58,7 +62,6 @@ def write_plot(result: dict, path: Path) -> Path | None:
         ax.set_title(title + ("" if top else " — none"))
         ax.legend(fontsize=8)
     fig.tight_layout()
-    from erase.storage import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
@@ -67,8 +70,6 @@ def write_plot(result: dict, path: Path) -> Path | None:
 
 
 def write_report(result: dict, out: Path, title: str, grids: list[Path]) -> Path:
-    from erase.storage import atomic_write_text
-
     out = Path(out)
     lines = [f"# {title}", "", *summary_table(result), ""]
     ca = result.get("concept_accuracy")

@@ -15,13 +15,17 @@ input size.
 
 from __future__ import annotations
 
+import hashlib
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from erase.classifier.models import load_classifier
 from erase.errors import EraseError
+from erase.storage import resolve_model_dir, torch_load_safe
 
 INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
@@ -55,6 +59,7 @@ class EvaluatorFeatures(nn.Module):
 
 def fid_metric(classifier: nn.Module):
     """FID on an erase classifier's features; update() takes images in [0, 1] (``normalize=True``)."""
+    # lazy: torchmetrics' image/multimodal metrics pull in heavy extras
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     return FrechetInceptionDistance(feature=EvaluatorFeatures(classifier), normalize=True)
@@ -95,9 +100,8 @@ class _Uint8Inception(nn.Module):
 
 def inception_fid(weights: Path):
     """torchmetrics' 2048-d Inception FID from a local weights file (checked to hold tensors only)."""
-    from erase.storage import torch_load_safe
-
     try:
+        # lazy: torchmetrics' image/multimodal metrics pull in heavy extras
         from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
     except ImportError as err:  # pragma: no cover - torchmetrics always has it
         raise EraseError("torchmetrics has no FrechetInceptionDistance; upgrade torchmetrics") from err
@@ -120,8 +124,6 @@ def inception_fid(weights: Path):
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -137,8 +139,6 @@ def build_fid(features: str = "auto", inception_weights: str | None = None, devi
     its features say nothing about photographs, so there "auto" without Inception is an error.
     An explicit "inception" without weights is an error too.
     """
-    from importlib.metadata import version
-
     if features in ("auto", "inception"):
         weights = find_inception_weights(inception_weights)
         if weights is not None:
@@ -153,8 +153,6 @@ def build_fid(features: str = "auto", inception_weights: str | None = None, devi
             raise EraseError(NO_INCEPTION.split(" or use ")[0] + " or leave FID out with --metrics concept,nudenet "
                              "(FID-fmnist only suits Fashion-MNIST-like images)")
         features = "fmnist-classifier"
-    from erase.classifier.models import load_classifier
-    from erase.storage import resolve_model_dir
 
     try:
         folder = resolve_model_dir(features, kind="classifier")

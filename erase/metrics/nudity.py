@@ -14,17 +14,22 @@ square and resizes to 320 x 320.
 
 from __future__ import annotations
 
+import hashlib
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
 from torchmetrics import Metric
 
+from erase.errors import EraseError
+
 DEFAULT_THRESHOLD = 0.6
 
 
 def exposed_classes() -> list[str]:
     """NudeNet's ``*_EXPOSED`` labels, in its own order."""
+    # lazy: nudenet loads onnxruntime
     from nudenet import nudenet as nn_module
 
     return [c for c in nn_module.__labels if c.endswith("_EXPOSED")]
@@ -49,8 +54,6 @@ class NudeNetCounts(Metric):
                  batch_size: int = 8, **kwargs):
         super().__init__(**kwargs)
         if not 0 < threshold <= 1:
-            from erase.errors import EraseError
-
             raise EraseError(f"--nudenet-threshold must be in (0, 1], got {threshold}")
         self.threshold, self.batch_size = float(threshold), batch_size
         self.classes = list(classes) if classes else exposed_classes()
@@ -62,6 +65,7 @@ class NudeNetCounts(Metric):
     @property
     def detector(self):
         if self._detector is None:
+            # lazy: nudenet loads onnxruntime
             from nudenet import NudeDetector
 
             self._detector = NudeDetector()
@@ -89,9 +93,7 @@ class NudeNetCounts(Metric):
 
     def describe(self) -> dict:
         """The evaluator record written beside every NudeNet number."""
-        import hashlib
-        from importlib.metadata import version
-
+        # lazy: nudenet loads onnxruntime
         import nudenet
 
         onnx = Path(nudenet.__file__).parent / "320n.onnx"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from erase.errors import EraseError
 from erase.metrics.classifier import GAP_KEYS, gap_to_retrain, rte
+from erase.storage import atomic_write_json, atomic_write_text
 
 
 def load_run(path: str | Path) -> dict:
@@ -51,8 +52,6 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 
 def write_report(rows: list[dict], out_prefix: Path, title: str, notes: list[str] | None = None) -> None:
-    from erase.storage import atomic_write_json, atomic_write_text
-
     atomic_write_json({"title": title, "rows": rows, "notes": notes or []}, out_prefix.with_suffix(".json"))
     body = [f"# {title}", "", markdown_table(rows), ""] + [f"- {n}" for n in notes or []]
     atomic_write_text("\n".join(body) + "\n", out_prefix.with_suffix(".md"))

@@ -15,8 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
+from erase.captions import CLASS_NAMES
+from erase.classifier.data import load_fashion_mnist
 from erase.errors import EraseError
+from erase.metrics.clip import clip_score_metric, clip_score_update, load_clip
+from erase.metrics.concept import ConceptAccuracy, build_judge
+from erase.metrics.fid import build_fid, fit_reference
+from erase.metrics.nudity import NudeNetCounts
+from erase.storage import load_png
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METRICS = ("fid", "concept", "nudenet", "clip")
@@ -68,13 +76,10 @@ def read_image_set(folder: str | Path, label: str = "") -> list[ImageRecord]:
 
 
 def _batches(recs: list[ImageRecord], size: int):
-    from erase.storage import load_png
-
     for i in range(0, len(recs), size):
         chunk = recs[i:i + size]
         imgs = [load_png(r.path) for r in chunk]
         if len({tuple(x.shape) for x in imgs}) > 1:  # mixed sizes: bring them to the first one's
-            from torch.nn import functional as F
 
             h, w = imgs[0].shape[-2:]
             imgs = [F.interpolate(x[None], size=(h, w), mode="bilinear", antialias=True)[0] for x in imgs]
@@ -92,8 +97,6 @@ def _reference_images(settings: SuiteSettings, by_model: dict, fid_name: str):
         else:
             return None
     if ref == "fmnist-test":
-        from erase.classifier.data import load_fashion_mnist
-
         test = load_fashion_mnist(train=False, pad_to=32)
         n = min(settings.fid_reference_images, len(test))
         return f"Fashion-MNIST test set, first {n} images (padded to 32x32)", test.get_batch(range(n))["image"]
@@ -115,8 +118,6 @@ def evaluate_images(recs: list[ImageRecord], settings: SuiteSettings, device="cp
                     "skipped": {}, "seconds": {}}
     clip_bundle = None
     if "clip" in settings.metrics or settings.clip_model:
-        from erase.metrics.clip import load_clip
-
         clip_bundle = load_clip(settings.clip_model, device)  # one-line error when missing
     for name in settings.metrics:
         t0 = time.perf_counter()
@@ -129,9 +130,6 @@ def evaluate_images(recs: list[ImageRecord], settings: SuiteSettings, device="cp
 
 
 def _fid(by_model, s: SuiteSettings, device, clip_bundle, result):
-    from erase.captions import CLASS_NAMES
-    from erase.metrics.fid import build_fid, fit_reference
-
     names = {n for syn in CLASS_NAMES.values() for n in syn}
     concepts = {r.concept.lower() for recs in by_model.values() for r in recs if r.concept}
     fmnist_like = s.fid_reference == "fmnist-test" or (bool(concepts) and concepts <= names)
@@ -170,8 +168,6 @@ def check_concept(s: SuiteSettings, concepts: list[str], device="cpu") -> None:
     Same judge and same message as the scoring below; skipped where the judge needs a CLIP model
     (loaded only for scoring) or where no judge fits these concepts (the metric is then skipped too).
     """
-    from erase.metrics.concept import build_judge
-
     if "concept" not in s.metrics or not s.concept or s.classifier == "clip":
         return
     judge = build_judge(s.classifier, sorted({c for c in concepts if c}), s.classifier_weights, None, device)
@@ -180,8 +176,6 @@ def check_concept(s: SuiteSettings, concepts: list[str], device="cpu") -> None:
 
 
 def _concept(by_model, s: SuiteSettings, device, clip_bundle, result):
-    from erase.metrics.concept import ConceptAccuracy, build_judge
-
     concepts = sorted({r.concept for recs in by_model.values() for r in recs if r.concept})
     if not concepts:
         result["skipped"]["concept_accuracy"] = ("the images have no concept labels: generate from a CSV with a "
@@ -231,8 +225,6 @@ def _round(x) -> float | None:
 
 
 def _nudenet(by_model, s: SuiteSettings, device, clip_bundle, result):
-    from erase.metrics.nudity import NudeNetCounts
-
     counts, info = {}, None
     for model, recs in by_model.items():
         metric = NudeNetCounts(threshold=s.nudenet_threshold)
@@ -247,8 +239,6 @@ def _nudenet(by_model, s: SuiteSettings, device, clip_bundle, result):
 
 
 def _clip(by_model, s: SuiteSettings, device, clip_bundle, result):
-    from erase.metrics.clip import clip_score_metric, clip_score_update
-
     values = {}
     for model, recs in by_model.items():
         todo = [r for r in recs if r.prompt]

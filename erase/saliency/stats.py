@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from erase.engine.streams import move_to
+
 
 def gradient_statistics(
     model: nn.Module,
@@ -46,8 +48,6 @@ def gradient_statistics(
     try:
         for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
             if device is not None:
-                from erase.engine.streams import move_to
-
                 batch = move_to(batch, device)
             model.zero_grad(set_to_none=True)
             loss_fn(model, batch).backward()

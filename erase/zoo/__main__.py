@@ -13,10 +13,12 @@ def main(argv=None) -> int:
         return 0
     try:
         if argv[0] == "check":
+            # lazy: the command's --help answers without importing torch
             from erase.zoo.check import main as check
 
             check(argv[1:])
         elif argv[0] == "list":
+            # lazy: the command's --help answers without importing torch
             from erase.storage import list_bundled_models
 
             print("\n".join(list_bundled_models()))

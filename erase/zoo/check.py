@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +27,7 @@ from erase.classifier.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from erase.classifier.models import classify, load_classifier
 from erase.metrics.fid import EvaluatorFeatures, fid_metric, fit_reference  # noqa: F401  (one FID implementation)
 from erase.storage import atomic_write_json, atomic_write_text, resolve_model_dir
-from erase.zoo.cards import model_kind
+from erase.zoo.cards import model_kind, write_readme
 from erase.zoo.common import machine, to_gray01, write_record
 from erase.zoo.sampling import load_ddpm, load_tiny_sd, sample_ddpm, sample_sd
 
@@ -55,6 +56,7 @@ def check_generator(name: str, generate, classifier, test_images, n_per_class: i
         fid.update(imgs, real=False)
         rows.append(imgs[:8].float().mean(dim=1, keepdim=True))
     if grid_path:
+        # lazy: torchvision's model zoo is only needed for this judge
         from torchvision.utils import save_image
 
         save_image(torch.cat(rows), grid_path, nrow=min(8, n_per_class), padding=1)
@@ -112,8 +114,6 @@ def markdown(results: dict) -> str:
             lines.append(f"- `{g}`: evaluator on VAE reconstructions of test images: {r['vae_reconstruction_accuracy']} %.")
     for g in gens:
         if results["generators"][g].get("grid"):
-            from pathlib import Path
-
             lines += ["", f"`{g}` samples (first 8 per class, one row per class):", "",
                       f"![{g}]({Path(results['generators'][g]['grid']).name})"]
     targets = results["targets"]
@@ -177,15 +177,12 @@ def run_check(quick: bool = False, output: str | None = "results/zoo_check", see
 def _grid(output: str | None, name: str, quick: bool) -> str | None:
     if not output or quick:
         return None
-    from pathlib import Path
 
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     return f"{output}_{Path(name).name}.png"
 
 
 def _update_cards(results: dict) -> None:
-    from erase.zoo.cards import write_readme
-
     common = {k: results[k] for k in ("evaluator", "evaluator_test_accuracy", "fid_reference_images", "machine")}
     for name, r in results["generators"].items():
         d = resolve_model_dir(name)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from erase.storage import atomic_write_json
+from erase.storage import atomic_write_json, save_safetensors
 from erase.zoo.common import Timer, read_json
 
 
@@ -80,10 +81,6 @@ def run(
 def ema_hooks(ema, names: list[str]):
     """``on_save``/``on_resume`` for :func:`run` that keep a diffusers ``EMAModel`` in the checkpoint
     as ``ema.safetensors`` (tensor names = parameter names, the EMA step in the metadata)."""
-    from safetensors import safe_open
-
-    from erase.storage import save_safetensors
-
     def on_save(ckpt: Path) -> None:
         save_safetensors(dict(zip(names, ema.shadow_params)), ckpt / "ema.safetensors",
                          metadata={"optimization_step": str(ema.optimization_step)})

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from erase.diffusion.loading import load_scheduler
+from erase.diffusion.sampling import sample_ddpm as sample
+from erase.storage import resolve_model_dir
+
 DDPM_NULL_CLASS = 10  # index of the "no class" embedding of fmnist-ddpm (labels 0-9 are the classes)
 
 
@@ -20,8 +24,6 @@ def sample_ddpm(unet, scheduler, labels, guidance: float = 2.0, steps: int = 50,
     ``generator`` draws one seed per image; the images come from :func:`erase.diffusion.sampling.sample_ddpm`
     (the one DDPM sampling loop), so they are the same on every device and in any batch.
     """
-    from erase.diffusion.sampling import sample_ddpm as sample
-
     labels = torch.as_tensor(labels, dtype=torch.long)
     seeds = torch.randint(0, 2**62, (len(labels),), generator=generator).tolist()
     null = unet.config.num_class_embeds - 1 if null_class is None else null_class
@@ -39,10 +41,9 @@ def sample_sd(pipe, prompts: list[str], guidance: float = 4.0, steps: int = 25,
 
 def load_ddpm(path, device="cpu", dtype=torch.float32):
     """The UNet and scheduler of a DDPM folder (``unet/`` + ``scheduler/``), e.g. ``fmnist-ddpm``."""
+    # lazy: diffusers takes seconds to import
     from diffusers import UNet2DModel
 
-    from erase.diffusion.loading import load_scheduler
-    from erase.storage import resolve_model_dir
 
     d = resolve_model_dir(path, kind="DDPM")
     unet = UNet2DModel.from_pretrained(d / "unet").eval()  # float32 (diffusers' default)
@@ -53,9 +54,9 @@ def load_ddpm(path, device="cpu", dtype=torch.float32):
 
 def load_tiny_sd(path="fmnist-tiny-sd", device="cpu", dtype=torch.float32):
     """A StableDiffusionPipeline from a folder or bundled name, DDIM scheduler, no progress bar."""
+    # lazy: diffusers takes seconds to import
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from erase.storage import resolve_model_dir
 
     d = resolve_model_dir(path, kind="Stable Diffusion")
     # No dtype argument: diffusers renamed torch_dtype to dtype; the bundled configs load as float32.

@@ -41,6 +41,7 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def open_clip_bpe_path() -> Path:
+    # lazy: open_clip is optional and slow to import
     import open_clip.tokenizer
 
     return Path(open_clip.tokenizer.default_bpe())
@@ -56,6 +57,7 @@ def vocab_and_merges(bpe_path: str | Path | None = None) -> tuple[dict[str, int]
 
 
 def build_tokenizer(bpe_path: str | Path | None = None):
+    # lazy: transformers takes seconds to import
     from transformers import CLIPTokenizer
 
     vocab, merges = vocab_and_merges(bpe_path)
@@ -87,6 +89,7 @@ def save_tokenizer(directory: str | Path, bpe_path: str | Path | None = None) ->
 
 def clean_text(text: str) -> str:
     """open_clip's cleaning (ftfy, double HTML unescape, whitespace) before tokenization."""
+    # lazy: ftfy is only needed to rebuild the tokenizer
     import ftfy
 
     return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())

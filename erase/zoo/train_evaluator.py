@@ -21,6 +21,7 @@ import torch
 
 from erase.classifier.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from erase.classifier.models import load_classifier, save_classifier
+from erase.classifier.pretrain import main as pretrain
 from erase.zoo.common import machine, read_json, write_record
 
 
@@ -43,7 +44,6 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from erase.classifier.pretrain import main as pretrain
 
     work = Path(args.work_dir)
     recipe = ["--dataset", "fashion-mnist", "--width", str(args.width), "--pad-to", "32", "--epochs", str(args.epochs),

@@ -26,12 +26,13 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from erase import captions
 from erase.classifier.data import load_fashion_mnist
 from erase.storage import save_safetensors
-from erase.zoo import loop
+from erase.zoo import loop, train_vae
 from erase.zoo.common import machine, prefer_float32, setup, strip_local_paths, to_sd_pixels, write_record
 from erase.zoo.tokenizer import build_tokenizer, save_tokenizer
 
@@ -62,7 +63,6 @@ def encode_latents(vae: AutoencoderKL, images, cache: Path, batch: int = 500) ->
     if cache.is_file():
         t = load_file(str(cache))
         return t["mean"], t["std"]
-    from tqdm.auto import tqdm
 
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch), desc="encode latents", mininterval=5):
@@ -92,8 +92,6 @@ def main(argv=None) -> None:
     setup(args.seed, args.threads)
     work = Path(args.work_dir)
     if args.vae is None:
-        from erase.zoo import train_vae
-
         if not (work / "vae" / "vae" / "config.json").is_file():
             train_vae.main(["--output", str(work / "vae"), "--seed", str(args.seed), "--threads", str(args.threads)])
         args.vae = str(work / "vae" / "vae")
