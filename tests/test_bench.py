@@ -146,10 +146,11 @@ def test_diffusion_benchmark_shards_partition_the_plan():
     from erase.bench import diffusion
 
     args = diffusion.build_parser().parse_args(["--seeds", "2"])
-    for key in ("concepts", "ddpm_concepts", "sd_methods", "ddpm_methods"):
+    for key in ("concepts", "ddpm_concepts", "sd_methods", "ddpm_methods", "multi_methods"):
         setattr(args, key, getattr(args, key).split(","))
-    n = len(diffusion.plan(args))
-    assert n == 2 * (2 * 6 + 1 * 4)
+    runs = diffusion.plan(args)
+    assert len(runs) == 2 * (2 * 9 + 1 * 5 + 1 * 4)  # two concepts x 9 methods, the 3-concept scenario x 5, the DDPM
+    assert sum(r["concept"] == "trouser,sneaker,bag" for r in runs) == 2 * 5
     assert diffusion.parse_shard("") is None and diffusion.parse_shard("1/2") == (1, 2)
     for bad in ("2/2", "x", "1-2"):
         with pytest.raises(EraseError):
@@ -159,25 +160,48 @@ def test_diffusion_benchmark_shards_partition_the_plan():
 def test_diffusion_targets_are_checked_per_seed_and_on_the_mean():
     from erase.bench import diffusion
 
-    def rec(method, concept_after, other_after, model="fmnist-tiny-sd"):
-        return {"model": model, "concept": "trouser", "method": method, "status": "done", "run": {"total_s": 1.0},
-                "metrics": {"before": {"concept_acc": 100.0, "other_acc": 97.0},
-                            "after": {"concept_acc": concept_after, "other_acc": other_after}}}
+    def rec(method, concept_after, other_after, model="fmnist-tiny-sd", concept="trouser", per=None):
+        after = {"concept_acc": concept_after, "other_acc": other_after}
+        if per:
+            after["concept_acc_per_concept"] = per
+        return {"model": model, "concept": concept, "method": method, "status": "done", "run": {"total_s": 1.0},
+                "metrics": {"before": {"concept_acc": 100.0, "other_acc": 97.0}, "after": after}}
 
     records = [rec("salun", 0.0, 95.0), rec("salun", 10.0, 95.0), rec("salun", 0.0, 96.0),  # mean 3.3 % -> met
                rec("esd-u", 0.0, 91.0), rec("esd-u", 0.0, 93.0),                              # drop 5.0 -> met, 1 seed 6
                rec("salun", 0.0, 50.0, model="fmnist-ddpm"), rec("ga", 0.0, 97.0)]            # ga has no target
-    got = {(t["model"], t["method"]): t for t in diffusion.check_targets(records)}
-    assert set(got) == {("fmnist-tiny-sd", "salun"), ("fmnist-tiny-sd", "esd-u"), ("fmnist-ddpm", "salun")}
-    assert got["fmnist-tiny-sd", "salun"]["met_on_mean"] and got["fmnist-tiny-sd", "salun"]["seeds_met"] == 2
-    assert got["fmnist-tiny-sd", "esd-u"]["met_on_mean"] and got["fmnist-tiny-sd", "esd-u"]["seeds_met"] == 1
-    assert got["fmnist-ddpm", "salun"]["met_on_mean"]  # the DDPM target is UA only
+    five = diffusion.ERASED_AND_KEPT
+    got = {(t["model"], t["method"], t["target"]): t for t in diffusion.check_targets(records)}
+    assert {k for k in got if k[2] == five} == {("fmnist-tiny-sd", "salun", five), ("fmnist-tiny-sd", "esd-u", five)}
+    assert got["fmnist-tiny-sd", "salun", five]["met_on_mean"] and got["fmnist-tiny-sd", "salun", five]["seeds_met"] == 2
+    assert got["fmnist-tiny-sd", "esd-u", five]["met_on_mean"] and got["fmnist-tiny-sd", "esd-u", five]["seeds_met"] == 1
+    ddpm = [t for t in got.values() if t["model"] == "fmnist-ddpm"]
+    assert len(ddpm) == 1 and ddpm[0]["met_on_mean"]  # the DDPM target is UA only
+    clean = {k[1]: t for k, t in got.items() if k[2] == diffusion.CLEAN}  # every SD method, the 1 % / 1 point target
+    assert set(clean) == {"salun", "esd-u", "ga"} and clean["ga"]["met_on_mean"] and not clean["salun"]["met_on_mean"]
     records.append(rec("esd-u", 0.0, 80.0))
-    assert not {(t["model"], t["method"]): t for t in diffusion.check_targets(records)}["fmnist-tiny-sd", "esd-u"][
-        "met_on_mean"]
+    assert not {(t["model"], t["method"], t["target"]): t for t in diffusion.check_targets(records)}[
+        "fmnist-tiny-sd", "esd-u", five]["met_on_mean"]
+    # Several concepts at once: the worst concept decides, and the single-concept targets ignore these runs.
+    multi = [rec("uce", 2.0, 95.0, concept="trouser,sneaker,bag", per={"trouser": 0.0, "sneaker": 6.0, "bag": 0.0}),
+             rec("uce", 2.0, 95.0, concept="trouser,sneaker,bag", per={"trouser": 0.0, "sneaker": 2.0, "bag": 4.0})]
+    got = [t for t in diffusion.check_targets(records + multi) if t["concept"] == "trouser,sneaker,bag"]
+    assert len(got) == 1 and got[0]["target"] == diffusion.MULTI and got[0]["met_on_mean"]
+    assert got[0]["seeds_met"] == 1 and got[0]["concept_acc_after"] == 4.0
     md = diffusion.markdown(diffusion.summarise(records), {"command": "x", "machine": "m", "runs_wall_s": 1,
                                                          "wall_s": 0, "eval_images": 8}, diffusion.check_targets(records))
     assert "**no**" in md and "## Targets" in md
+
+
+def test_keep_results_adds_rows_without_rerunning_old_ones(tmp_path):
+    from erase.bench import diffusion
+
+    old = [{"model": "fmnist-tiny-sd", "concept": "trouser", "method": m, "seed": 0, "status": "done"} for m in ("salun", "uce")]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"runs": old}))
+    planned = [{"model": "fmnist-tiny-sd", "concept": "trouser", "method": "uce", "seed": 0, "status": "done", "new": 1}]
+    kept = diffusion.kept_records(str(path), planned)
+    assert [r["method"] for r in kept] == ["salun"]  # the planned uce run replaces its old record
 
 
 def test_finished_runs_of_another_recipe_are_not_read_back(tmp_path):
