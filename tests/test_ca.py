@@ -55,14 +55,14 @@ def test_anchors_default_from_the_model_and_bad_anchors_are_refused(models):  # 
     m.check_task(bundled)
     assert m.anchors == ["dress", "sandal"]  # the bundled SD's erase.yaml
     m = _ca(anchor="jeans")
-    with pytest.raises(EraseError, match="kept, not erased"):
+    with pytest.raises(EraseError, match="concepts the run keeps, not erased"):
         m.check_task(bundled)  # jeans is a synonym of trouser
-    with pytest.raises(EraseError, match="kept, not erased"):
+    with pytest.raises(EraseError, match="concepts the run keeps, not erased"):
         _ca(anchor="sneaker").check_task(bundled)  # erased too
-    with pytest.raises(EraseError, match="3 anchors for 2 concepts"):
+    with pytest.raises(EraseError, match="3 concepts for 2 erased concepts"):
         _ca(anchor="coat,bag,dress").check_task(bundled)
     sd = _task(models["sd1"], streams=())
-    with pytest.raises(EraseError, match="needs --anchor for 'garbage truck'"):
+    with pytest.raises(EraseError, match="--anchor is needed for 'garbage truck'"):
         _ca().check_task(sd)
     with pytest.raises(EraseError, match="class-conditional DDPM"):
         _ca(anchor="bird").check_task(_task(models["ddpm"], concept="airplane", streams=()))

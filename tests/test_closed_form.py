@@ -189,9 +189,9 @@ def test_refusals(models, tmp_path, capsys):
     ddpm = tiny_ddpm(tmp_path / "ddpm")
     assert "DDPM" in err(["--concept", "airplane", "--method", "uce", "--model", str(ddpm)])
     sd = ["--concept", "garbage truck", "--model", str(models["sd1"]), "--retain-concepts", "church"]
-    assert "is the concept being erased" in err([*sd, "--method", "uce", "--guide", "Garbage Truck"])
-    assert "is the concept being erased" in err([*sd, "--method", "rece", "--guide", "garbage truck"])
-    assert "--guide lists 2" in err([*sd, "--method", "uce", "--guide", "church,parachute"])
+    assert "concepts the run keeps, not erased" in err([*sd, "--method", "uce", "--guide", "Garbage Truck"])
+    assert "concepts the run keeps, not erased" in err([*sd, "--method", "rece", "--guide", "garbage truck"])
+    assert "--guide names 2 concepts for 1" in err([*sd, "--method", "uce", "--guide", "church,parachute"])
     assert "--preserve includes" in err([*sd, "--method", "uce", "--preserve", "church,garbage truck"])
     assert "--lamb" in err([*sd, "--method", "uce", "--lamb", "0"])
     assert "--save-format" in err([*sd, "--method", "uce", "--save-format", "lora"])

@@ -52,6 +52,9 @@ CLOSED_FORM = ("uce", "rece")  # no optimiser steps; tests/test_closed_form.py r
 CASES = [(m, k) for m in erase.list_methods(task="diffusion") for k in ("sd1", "sd2v", "ddpm", "bundled")
          if not (k == "ddpm" and m in ("esd-x", "fmn")) and m not in CLOSED_FORM]
 CONCEPT = {"sd1": "garbage truck", "sd2v": "garbage truck", "ddpm": "airplane", "bundled": "trouser"}
+# Settings a method needs beyond the defaults on a model (ca: an anchor the bundled model's erase.yaml would give).
+EXTRA = {("ca", "sd1"): {"anchor": "church"}, ("ca", "sd2v"): {"anchor": "church"},
+         ("ca", "ddpm"): {"anchor": "bird", "params": "full"}}
 
 
 @pytest.mark.parametrize("method,kind", CASES)
@@ -60,7 +63,8 @@ def test_method_two_steps(models, tmp_path, method, kind):
     ctx = _ctx(task, tmp_path)
     before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
     cls = erase.get_method(method, "diffusion")
-    cfg = cls.Config(**{**cls.task_defaults.get("diffusion", {}), "max_steps": 2, "batch_size": 2, "lr": 1e-3})
+    cfg = cls.Config(**{**cls.task_defaults.get("diffusion", {}), "max_steps": 2, "batch_size": 2, "lr": 1e-3,
+                        **EXTRA.get((method, kind), {})})
     if hasattr(cfg, "ddim_steps"):
         cfg.ddim_steps = 3
     m = cls(cfg)
@@ -73,6 +77,8 @@ def test_method_two_steps(models, tmp_path, method, kind):
     assert changed, "nothing changed"
     if method in ("esd-x", "fmn"):
         assert all(".attn2." in n for n in changed)
+    if method == "ca" and kind != "ddpm":
+        assert all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed)
     if method == "esd-u":
         assert not any(".attn2." in n for n in changed)
     masks = m.parameter_masks(ctx)

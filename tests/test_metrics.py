@@ -115,7 +115,7 @@ def test_classifier_evaluate_uses_every_retain_example_as_mia_member():
     pick = torch.randperm(180, generator=g)[:50].sort().values
     from erase.engine.streams import DataView
 
-    probs, labels = task.predict(model, DataView(task.train_set, task.split.retain[pick]), "cpu")
+    probs, labels = task.probabilities(model, DataView(task.train_set, task.split.retain[pick]), "cpu")
     assert m["RA"] == pytest.approx(float(100 * (probs.argmax(1) == labels).float().mean()), abs=1e-3)
 
 

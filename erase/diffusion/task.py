@@ -271,6 +271,27 @@ class DiffusionTask(DenoisingTask):
         anchors = model_settings(self.cfg.model).get("anchors") or {}
         return str(anchors.get(concept, ""))
 
+    def partner_concepts(self, names: list[str] | None, flag: str) -> list[str]:
+        """One kept concept per erased concept, for methods that map a concept onto another (ca's anchor,
+        uce's guide): ``names`` gives one for all or one per concept; None takes the model's erase.yaml
+        ``anchors``. Each is spelt as the task spells concepts and must be a concept the run keeps."""
+        concepts = self.concepts.concepts
+        if names and len(names) not in (1, len(concepts)):
+            raise EraseError(f"{flag} names {len(names)} concepts for {len(concepts)} erased concepts; give one for all "
+                             "or one per concept")
+        chosen = (names * len(concepts) if len(names) == 1 else names) if names else [
+            self.default_anchor(c) for c in concepts]
+        missing = [c for c, a in zip(concepts, chosen) if not a]
+        if missing:
+            raise EraseError(f"{flag} is needed for {', '.join(map(repr, missing))}: the concept that stands in for it "
+                             "(e.g. dog for 'grumpy cat'); this model's erase.yaml names none")
+        chosen = [self.canonical(a) for a in chosen]
+        erased = {c.lower() for c in concepts}
+        bad = [a for a in chosen if a.lower() in erased]
+        if bad:
+            raise EraseError(f"{flag} must name concepts the run keeps, not erased ones: {', '.join(bad)}")
+        return chosen
+
     def canonical(self, name: str) -> str:
         """A concept name as this task spells it (bundled models: the class a synonym belongs to)."""
         if self.fmnist or self.kind == "ddpm":

@@ -67,25 +67,8 @@ class ConceptAblation(Method):
         if self.config.params == "xattn" and not task.has_cross_attention:
             raise EraseError("ca with --params xattn trains cross-attention, which a class-conditional DDPM does not "
                              "have; use --params full")
-        self.anchors = self._anchors(task)
-
-    def _anchors(self, task) -> list[str]:
-        concepts = task.concepts.concepts
-        given = [a.strip() for a in self.config.anchor.split(",")] if self.config.anchor.strip() else []
-        if given and len(given) not in (1, len(concepts)):
-            raise EraseError(f"--anchor names {len(given)} anchors for {len(concepts)} concepts; give one for all or "
-                             "one per concept")
-        anchors = (given * len(concepts) if len(given) == 1 else given) or [task.default_anchor(c) for c in concepts]
-        missing = [c for c, a in zip(concepts, anchors) if not a]
-        if missing:
-            raise EraseError(f"ca needs --anchor for {', '.join(map(repr, missing))}: the concept whose images stand in "
-                             "for it (e.g. --anchor dog for 'grumpy cat'); this model's erase.yaml names none")
-        anchors = [task.canonical(a) for a in anchors]
-        same = [c for c, a in zip(concepts, anchors) if a.lower() == c.lower()]
-        erased = [a for a in anchors if a.lower() in {c.lower() for c in concepts}]
-        if same or erased:
-            raise EraseError(f"the anchor must be a concept that is kept, not erased: {', '.join(same or erased)}")
-        return anchors
+        given = [a.strip() for a in self.config.anchor.split(",")] if self.config.anchor.strip() else None
+        self.anchors = task.partner_concepts(given, "--anchor")
 
     def setup(self, ctx):
         ctx.views["anchor"] = ctx.task.anchor_view(self.anchors, self.config.anchor_images)

@@ -47,7 +47,8 @@ class UCEConfig(MethodConfig):
     epochs: float = opt(0.0, "unused: a closed-form edit takes no optimiser steps")
     max_steps: int = opt(0, "unused: a closed-form edit takes no optimiser steps")
     guide: str = opt("", "what erased concepts are steered to: '' = the empty prompt (unconditional), one concept for "
-                     "all, or a comma-separated list paired with the erased concepts")
+                     "all, a comma-separated list paired with the erased concepts, or 'anchor' = the neighbouring "
+                     "concept the model's erase.yaml names (as ca uses)")
     preserve: str = opt("", "concepts whose outputs are kept: '' = the run's retain concepts, 'none' = nothing, or a "
                         "comma-separated list; the empty prompt is kept too unless 'none'")
     lamb: float = opt(0.5, "λ: pull towards the original weights (the authors' code; the paper's Eq. 7 has none)")
@@ -109,16 +110,11 @@ class _ClosedForm(Method):
         self._plan(task)  # the guide / preserve lists are checked before any model work
 
     # -- prompts ----------------------------------------------------------------------------------
-    def _guides(self, concepts: list[str]) -> list[str]:
-        guides = _split(self.config.guide)
-        if len(guides) > 1 and len(guides) != len(concepts):
-            raise EraseError(f"--guide lists {len(guides)} concepts for {len(concepts)} erased concepts; give one guide "
-                             "for all or one per concept")
-        guides = guides * len(concepts) if len(guides) == 1 else guides or [""] * len(concepts)
-        for c, g in zip(concepts, guides):
-            if g.lower() == c.strip().lower():
-                raise EraseError(f"--guide {g!r} is the concept being erased; choose another guide or '' (unconditional)")
-        return guides
+    def _guides(self, task) -> list[str]:
+        spec = self.config.guide.strip()
+        if not spec:
+            return [""] * len(task.concepts.concepts)  # the empty prompt: towards the unconditional prediction
+        return task.partner_concepts(None if spec.lower() == "anchor" else _split(spec), "--guide")
 
     def _preserved(self, task, concepts: list[str]) -> list[str]:
         spec = self.config.preserve.strip()
@@ -137,7 +133,7 @@ class _ClosedForm(Method):
         concepts = task.concepts.concepts
         templates = cs.templates if self.config.expand_prompts else []
         pairs = []
-        for c, g in zip(concepts, self._guides(concepts)):
+        for c, g in zip(concepts, self._guides(task)):
             pairs.append((c, g))
             pairs += [(cs.prompt(c, t), cs.prompt(g, t) if g else "") for t in templates]
         preserve = []
