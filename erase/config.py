@@ -240,7 +240,7 @@ def resolve(run_layer: dict, task_layer: dict, method_layer: dict, file_cfg: dic
     file_method = {k: v for k, v in file_cfg.get("method", {}).items() if k != "name"}
     # Layers: the method's defaults < its defaults for this task < the base model's recommended
     # recipe (erase.yaml shipped beside the model) < the YAML file < command-line flags.
-    recipe = model_recipe(getattr(task_cfg, "model", ""), method_cls.name)
+    recipe = model_recipe(task_cfg.base_model(), method_cls.name)
     method_cfg = _merge(method_cls.Config, method_cls.task_defaults.get(task_name, {}), recipe, file_method, method_layer)
     # The Method constructor validates the config's ranges; then the method may reject the task from
     # its config alone (e.g. esd-x on a DDPM folder) before any model loads or any image is generated.
