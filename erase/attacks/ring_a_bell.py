@@ -101,8 +101,8 @@ class RingABell(Attack):
             raise EraseError(f"ring-a-bell found no prompt avoiding the banned words ({err}); shorten "
                              "--banned-words or drop --avoid-concept-words") from None
         text = frame.texts(found.ids[None])[0]
-        cond = task.encode([text])
         with torch.no_grad():
+            cond = task.encode([text])  # the prompt as it will be replayed: text, re-tokenised
             replayed = float(((cond[0].float() - target) ** 2).sum())
         info.update({"fitness": found.fitness, "fitness_first_generation": found.history[0],
                      "fitness_replayed": replayed, "generations": len(found.history),
