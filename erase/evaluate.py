@@ -5,6 +5,7 @@ or finished classifier runs against a retrained reference.
     python erase/evaluate.py model --base fmnist-tiny-sd --erased runs/esd-trouser --concept trouser \\
         --prompts prompts/fmnist_classes.csv --images-per-prompt 8 --output-dir eval/esd-trouser
     python erase/evaluate.py runs/esd-trouser          # the same, settings read from the run folder
+    python erase/evaluate.py runs/esd-trouser --attacks ring-a-bell   # and attack it (erase/attack.py)
     # images already generated (erase/generate.py output, or any folder of images)
     python erase/evaluate.py images gen/trouser --concept trouser
     # classifier unlearning runs against retrain
@@ -128,6 +129,9 @@ def model_main(argv, run_defaults: dict | None = None) -> int:
     p.add_argument("--output-dir", required=run_defaults is None, help="images, metrics.json and report.md go here")
     p.add_argument("--overwrite", action="store_true", help="discard images made with other settings")
     p.add_argument("--no-progress", action="store_true")
+    if run_defaults:
+        p.add_argument("--attacks", metavar="NAME[,NAME]", help="then attack the run's erased model (as erase/attack.py "
+                       "RUN_DIR --attack NAME, default budgets and prompt set; 'all' for every attack)")
     add_metric_args(p)
     if run_defaults:
         p.set_defaults(**run_defaults)
@@ -136,6 +140,13 @@ def model_main(argv, run_defaults: dict | None = None) -> int:
     from erase.progress import set_progress
 
     set_progress(not a.no_progress)
+    plan = None
+    if getattr(a, "attacks", None) is not None:
+        # lazy: the command's --help answers without importing torch
+        from erase.robustness import make_plan
+
+        # Planned (every check done) before generation, so a typo fails before any model loads.
+        plan = make_plan(a.erased, a.attacks, overwrite=a.overwrite, progress=not a.no_progress)
     # lazy: the command's --help answers without importing torch
     from erase.metrics.suite import check_concept
 
@@ -149,6 +160,13 @@ def model_main(argv, run_defaults: dict | None = None) -> int:
         return 0  # generation was split; scoring runs once
     names = " vs ".join(filter(None, [a.base and f"base {a.base}", a.erased and f"erased {a.erased}"]))
     score_folder(a.output_dir, a.output_dir, a, f"Evaluation: {names}" + (f", concept {a.concept!r}" if a.concept else ""))
+    if plan is not None:
+        # lazy: the command's --help answers without importing torch
+        from erase.attack import summary_text
+        from erase.robustness import execute
+
+        print(summary_text(execute(plan)))
+        print(f"attack outputs in {plan.run_dir / 'attacks'}/")
     return 0
 
 
