@@ -131,7 +131,8 @@ def model_main(argv, run_defaults: dict | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     if run_defaults:
         p.add_argument("--attacks", metavar="NAME[,NAME]", help="then attack the run's erased model (as erase/attack.py "
-                       "RUN_DIR --attack NAME, default budgets and prompt set; 'all' for every attack)")
+                       "RUN_DIR --attack NAME, default budgets and prompt set; 'all' for every attack; "
+                       "--overwrite redoes them too)")
     add_metric_args(p)
     if run_defaults:
         p.set_defaults(**run_defaults)
