@@ -26,7 +26,7 @@ from erase.engine.checkpoint import latest_checkpoint
 from erase.errors import EraseError
 from erase.storage import ZOO_DIR, atomic_write_json, atomic_write_text, check_writable_dir
 
-RUN_OUTPUTS = ("checkpoints", "model.safetensors", "config.json", "config.yaml", "metrics.json", "report.md",
+RUN_OUTPUTS = ("checkpoints", "attacks", "model.safetensors", "config.json", "config.yaml", "metrics.json", "report.md",
                "log.jsonl", "run.json", "saliency_mask.safetensors", "saliency_density.md", "model", "delta.safetensors",
                "grid.png", "README.md")
 
