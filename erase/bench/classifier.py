@@ -258,7 +258,7 @@ class Bench(ClassifierRuns):
         # The invocations that trained this table's runs (a resumed benchmark has several).
         history = []
         prev = Path(self.s.results).with_suffix(".json")
-        if prev.is_file():
+        if prev.is_file() and self.n_read_back:  # earlier invocations count only if their runs are in this table
             try:
                 old = json.loads(prev.read_text())
                 if old.get("setup_tag") == data["setup_tag"]:

@@ -306,6 +306,7 @@ class ClassifierRuns:
         self.root = Path(s.out_dir) / s.tag()
         self.t0 = time.perf_counter()
         self.n_new = 0  # runs trained (not read back) by this invocation
+        self.n_read_back = 0  # finished runs of earlier invocations that this one reused
 
     def log(self, msg: str) -> None:
         print(f"[{time.perf_counter() - self.t0:7.0f}s] {msg}", flush=True)
@@ -321,6 +322,8 @@ class ClassifierRuns:
             self.log(f"{label}: {'cached' if rec.get('cached') else 'done'} ({cost}) {gaps}")
             if not rec.get("cached"):
                 self.n_new += 1
+            else:
+                self.n_read_back += 1
         elif rec["status"] == "failed":
             self.log(f"{label}: FAILED {rec.get('error', '')[:200]}")
         else:
