@@ -42,6 +42,7 @@ that queries only the text encoder), so it runs inline.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -147,7 +148,7 @@ class AttackConfig:
             raise EraseError("; ".join(problems))
 
 
-class Attack:
+class Attack(ABC):
     name: ClassVar[str] = ""
     tasks: ClassVar[tuple[str, ...]] = ()
     Config: ClassVar[type[AttackConfig]] = AttackConfig
@@ -162,8 +163,9 @@ class Attack:
             raise EraseError(f"attack {self.name!r} needs a text-conditioned model (Stable Diffusion): the task "
                              "offers no tokenizer / text encoder")
 
+    @abstractmethod
     def run(self, row: PromptRow, ctx: AttackContext) -> AttackResult:
-        raise NotImplementedError(f"{type(self).__name__} does not implement run()")
+        """Attack one prompt: the adversarial prompt (text and/or embedding), its images and their verdicts."""
 
     # -- helpers -------------------------------------------------------------------------------
     def seeds(self, row: PromptRow) -> list[int]:
