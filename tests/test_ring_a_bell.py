@@ -19,8 +19,8 @@ from erase.attacks.ring_a_bell import Frame, RingABell
 from erase.attacks.vocabulary import allowed_ids, banned_ids, clean
 from erase.captions import CLASS_NAMES, TRAIN_TEMPLATES
 from erase.classifier.models import load_classifier
-from erase.diffusion.attack_view import AttackView
 from erase.diffusion.task import DiffusionConfig, DiffusionTask
+from erase.diffusion.text_encoding import encode_ids
 from erase.errors import EraseError
 from erase.prompts import PromptRow
 from tests.test_diffusion import _task, models  # noqa: F401  (the session fixture of tiny models)
@@ -40,9 +40,10 @@ class TinyText:
                                                     eos_token_id=49407, pad_token_id=49407,
                                                     max_position_embeddings=77)).eval()
         self.device = torch.device("cpu")
+        self.has_cross_attention = True
 
-    def encode_ids(self, ids):
-        return self.encoder(ids)[0]
+    def encode_ids(self, ids, token_embeds=None):
+        return encode_ids(self.encoder, self.tokenizer, ids, token_embeds)
 
     def encode(self, prompts):
         ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
@@ -219,20 +220,20 @@ def test_discrete_prompt_avoids_the_concept_words(tiny_text):
 
 
 # -- end to end on tiny Stable Diffusion pipelines ------------------------------------------------------
-def test_attack_view_encodes_ids_as_the_task_encodes_prompts(models):  # noqa: F811
+def test_task_encodes_ids_as_it_encodes_prompts(models):  # noqa: F811
     for kind in ("sd1", "sd2v"):
-        view = AttackView(_task(models[kind], streams=()))
+        view = _task(models[kind], streams=())
         prompts = ["a photo of a garbage truck", ""]
         ids = view.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             torch.testing.assert_close(view.encode_ids(ids), view.encode(prompts))
     with pytest.raises(EraseError, match="DDPM"):
-        AttackView(_task(models["ddpm"], concept="airplane", streams=()))
+        _task(models["ddpm"], concept="airplane", streams=()).encode_ids(ids)
 
 
 def test_ring_a_bell_end_to_end_on_the_bundled_sd():
     task = DiffusionTask(DiffusionConfig(model="fmnist-tiny-sd", concept="trouser", sample_steps=3), streams=())
-    view = AttackView(task)
+    view = task
     attack = _rab(population=12, generations=4, avoid_concept_words=True, images=2)
     attack.check_task(view)
     ctx = AttackContext(view, task.base.unet, "trouser", evaluator_judge(load_classifier("fmnist-classifier")),

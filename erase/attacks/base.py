@@ -4,7 +4,8 @@ Attacks mirror methods (``erase.engine.method``): one small registered file per 
 dataclass whose fields carry help text and the source of each default, and nothing model-specific
 outside the task they are handed. An attack sees the task only through :class:`TextTask` (text
 in, text-encoder states out, images from a condition), so the same attack runs on any text-to-image
-adapter that offers it; ``erase.diffusion.attack_view.AttackView`` is the Stable Diffusion one.
+adapter that offers it; ``erase.diffusion.task.DiffusionTask`` is the Stable Diffusion one. Attacks
+that optimise through the denoiser also use the ``DenoisingTask`` extension (``predict``, noise).
 
 The contract, for one prompt of an attack prompt set (``erase.prompts.PromptRow``):
 
@@ -18,26 +19,16 @@ The contract, for one prompt of an attack prompt set (``erase.prompts.PromptRow`
 
 Attacks that optimise by gradient (concept inversion's token embedding, UnlearnDiffAtk's relaxed
 one-hot prefix, P4D's projected embeddings) run through the engine, not a loop of their own
-(DESIGN §8), so seeds, resume from checkpoints, progress bars, logging and the NaN guard are the
-ones every method gets. Inside ``run`` such an attack:
-
-1. wraps the parameter it optimises as the engine's "model": a small ``nn.Module`` holding only
-   the embedding or the relaxed token distribution (the frozen denoiser and text encoder stay
-   outside it, so the optimiser, checkpoints and masks see nothing else);
-2. hands ``erase.engine.loop.run_method`` a ``Method`` (``erase.engine.method``) whose ``phases``
-   draw from the task's views (the concept images the diffusion task already generates for the
-   ``forget`` stream for concept inversion; a one-row view of the prompt's target image for
-   UnlearnDiffAtk and P4D), whose ``losses(batch, ctx)`` noise those latents and call the frozen
-   denoiser through ``DenoisingTask.predict`` with a condition built from the parameter (through
-   the text encoder from input token embeddings: a ``TextTask`` method that the first such attack
-   adds beside ``encode_ids``), and whose ``after_step`` projects the
-   parameter (onto the simplex, or to the nearest vocabulary token);
-3. decodes the optimised parameter into a prompt (or keeps the embedding) and ends with
-   :meth:`Attack.finish`, exactly as a search-based attack does.
-
-The run folder of that inner run is the attack's per-prompt folder, so an interrupted attack
-resumes per prompt. Ring-A-Bell optimises nothing by gradient (a genetic search over token ids
-that queries only the text encoder), so it runs inline.
+(DESIGN §8): an embedding is a parameter too. ``erase.attacks.optimised`` wraps the parameter as
+the engine's "model" (the frozen denoiser and text encoder stay outside it, so the optimiser and
+the checkpoints see nothing else), hands ``erase.engine.loop.run_method`` a small ``Method`` whose
+loss calls ``DenoisingTask.predict`` with a condition built from the parameter
+(``TextTask.encode_ids(ids, token_embeds)``), and whose ``after_step`` projects the parameter and,
+every so often, decodes it, generates and asks the judge — stopping the run early on success
+(``RunContext.request_stop``). Seeds, resume from checkpoints, progress bars, logging and the NaN
+guard are the ones every method gets; the inner run's folder is the prompt's own, so an
+interrupted attack resumes inside the prompt. Ring-A-Bell optimises nothing by gradient (a
+genetic search over token ids that queries only the text encoder), so it runs inline.
 """
 
 from __future__ import annotations
@@ -63,20 +54,23 @@ Judge = Callable[[torch.Tensor, str], torch.Tensor]
 class TextTask(Protocol):
     """What an attack needs from a text-to-image task (the diffusion task adapter's view for attacks).
 
-    ``tokenizer`` is the model's transformers tokenizer (ids <-> text, special ids, ``model_max_length``).
+    ``tokenizer`` is the model's transformers tokenizer (ids <-> text, special ids, ``model_max_length``);
+    ``has_cross_attention`` says the model reads text at all (False for a class-conditional DDPM).
     ``encode(prompts)`` is the condition the denoiser reads for each prompt, (N, L, D);
-    ``encode_ids(ids)`` the same from token ids padded to L, (N, L, D) — it keeps gradients when
-    called outside ``torch.no_grad`` (for attacks that optimise through the text encoder);
+    ``encode_ids(ids, token_embeds=None)`` the same from token ids padded to L, (N, L, D), with the
+    encoder's input token embeddings optionally replaced by ``token_embeds`` (N, L, D_tok); it keeps
+    gradients when called outside ``torch.no_grad`` (for attacks that optimise through the text encoder);
     ``generate(model, cond, seeds, guidance)`` images in [0, 1] on the CPU, one per seed, from one
     condition (1, L, D) or one per seed (N, L, D), with the task's sampler and steps.
     """
 
     tokenizer: Any
     device: torch.device
+    has_cross_attention: bool
 
     def encode(self, prompts: list[str]) -> torch.Tensor: ...
 
-    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor: ...
+    def encode_ids(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def generate(self, model: nn.Module, cond: torch.Tensor, seeds: list[int],
                  guidance: float | None = None) -> torch.Tensor: ...
@@ -159,7 +153,11 @@ class Attack(ABC):
 
     def check_task(self, task: Any) -> None:
         """Refuse a task this attack cannot run on, before any work (raise EraseError)."""
-        if not isinstance(task, TextTask):
+        try:
+            text = bool(task.has_cross_attention) and isinstance(task, TextTask)
+        except AttributeError:
+            text = False
+        if not text:
             raise EraseError(f"attack {self.name!r} needs a text-conditioned model (Stable Diffusion): the task "
                              "offers no tokenizer / text encoder")
 

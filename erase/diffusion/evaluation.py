@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from erase.classifier.models import classify
-from erase.diffusion.sampling import sample_ddpm, sample_sd
+from erase.diffusion.sampling import sample_ddpm
 from erase.progress import progress_enabled
 
 EVAL_SEED = 10_000
@@ -52,11 +52,9 @@ def generate_groups(task, unet, groups: list[Group]) -> list[torch.Tensor]:
         if task.kind == "ddpm":
             x, _ = sample_ddpm(unet, task.scheduler, [g.cond] * len(g.seeds), g.seeds, task.guidance,
                                task.cfg.sample_steps, task.null_class)
+            out.append(task.to_images(x).cpu())
         else:
-            emb = task.encode([g.cond]).expand(len(g.seeds), -1, -1)
-            x, _ = sample_sd(task.base.pipe, unet, emb, task.null_condition(len(g.seeds), task.device), g.seeds,
-                             task.guidance, task.cfg.sample_steps)
-        out.append(task.to_images(x).cpu())
+            out.append(task.generate(unet, task.encode([g.cond]), g.seeds))
     unet.train(was)
     return out
 

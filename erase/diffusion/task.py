@@ -28,6 +28,7 @@ from erase.diffusion.data import LatentSet, PairedSet, cached, generate, read_im
 from erase.diffusion.loading import DiffusionBase, ddpm_num_classes, load_base, local_folder, model_kind
 from erase.diffusion.outputs import RunOutputs, save_erased
 from erase.diffusion.sampling import decode_sd, encode_sd, sample_ddpm, sample_sd
+from erase.diffusion.text_encoding import encode_ids, token_ids
 from erase.engine.streams import DataView
 from erase.engine.task import DenoisingTask, TaskConfig
 from erase.errors import EraseError
@@ -163,6 +164,53 @@ class DiffusionTask(DenoisingTask):
     def encode(self, prompts: list[str]) -> torch.Tensor:
         embeds, _ = self.base.pipe.encode_prompt(prompts, self.device, 1, do_classifier_free_guidance=False)
         return embeds.detach()
+
+    # -- text, for attacks and text-encoder methods (erase.attacks.base.TextTask) -------------------------
+    @property
+    def tokenizer(self):
+        self._need_text()
+        return self.base.pipe.tokenizer
+
+    @property
+    def text_encoder(self):
+        self._need_text()
+        return self.base.pipe.text_encoder
+
+    def _need_text(self) -> None:
+        if self.kind != "sd":
+            raise EraseError("this needs a text-conditioned model (Stable Diffusion); --model is a class-conditional "
+                             "DDPM, which has no prompt")
+
+    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+        """(N, L) token ids of ``prompts``, padded as :meth:`encode` pads them."""
+        return token_ids(self.tokenizer, prompts)
+
+    def encode_ids(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None, encoder=None) -> torch.Tensor:
+        """(N, L, D) conditions from token ids (``== encode`` of their text), optionally with the input token
+        embeddings replaced and through another ``encoder`` (a trained copy); keeps gradients."""
+        return encode_ids(encoder or self.text_encoder, self.tokenizer, ids, token_embeds)
+
+    def generate(self, model, cond: torch.Tensor, seeds: list[int], guidance: float | None = None) -> torch.Tensor:
+        """Images in [0, 1] on the CPU, one per seed, from one condition (1, L, D) or one per seed (N, L, D),
+        with the task's sampler, steps and (default) guidance."""
+        self._need_text()
+        n = len(seeds)
+        cond = cond.to(self.device)
+        cond = cond.expand(n, -1, -1) if cond.shape[0] == 1 else cond
+        if cond.shape[0] != n:
+            raise ValueError(f"{cond.shape[0]} conditions for {n} seeds")
+        was = model.training
+        model.eval()
+        try:
+            x, _ = sample_sd(self.base.pipe, model, cond, self.null_condition(n, self.device), seeds,
+                             self.guidance if guidance is None else guidance, self.cfg.sample_steps)
+        finally:
+            model.train(was)
+        return self.to_images(x).cpu()
+
+    def to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> what the denoiser reads (SD latents, the VAE posterior mean, scaled)."""
+        return encode_sd(self.base.pipe, images) if self.kind == "sd" else images.to(self.device) * 2 - 1
 
     def _check_concepts_before_loading(self) -> None:
         """An unknown or empty concept fails before the weights load and before any image is generated.
@@ -435,11 +483,15 @@ class DiffusionTask(DenoisingTask):
         if "target_prompt" in batch:
             with torch.no_grad():
                 target = self.predict(model, x_t, t, self.condition(batch["target_prompt"]))
-        elif self.base.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(x0, noise, t)
         else:
-            target = noise
+            target = self.denoising_target(x0, noise, t)
         return F.mse_loss(pred.float(), target.float())
+
+    def denoising_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the model was trained to predict at ``add_noise(x0, noise, t)``: the noise, or the velocity."""
+        if self.base.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, t)
+        return noise
 
     def relabel(self, batch: dict) -> dict:
         """Point a forget batch at another concept: SD, a random retain prompt (SalUn's SD code); DDPM, the next class."""

@@ -25,6 +25,14 @@ class RunContext:
     phase: str = ""
     state: dict = field(default_factory=dict)  # free scratch space for a method across hooks
     progress: bool = True       # show progress bars (also for a method's own passes)
+    stop_reason: str = ""       # set by request_stop: training ends after the current step
+
+    def request_stop(self, reason: str) -> None:
+        """End training after this step (from ``after_step``), e.g. an attack whose judge already says success.
+
+        The step is checkpointed, ``finalize`` still runs, and ``run_method`` reports the reason and the step.
+        """
+        self.stop_reason = self.state["stop_reason"] = reason or "stopped"  # in the checkpoint: a resume stays stopped
 
     @property
     def device(self) -> torch.device:

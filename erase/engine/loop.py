@@ -89,11 +89,15 @@ class Trainer:
                        disable=not self.ctx.progress)
             try:
                 for phase, phase_start in plan.spans():
+                    if self.ctx.stop_reason:
+                        break
                     if phase_start + phase.steps > start:
                         self.run_phase(plan, phase, phase_start, max(start - phase_start, 0), bar)
             finally:
                 bar.close()
             result["train_s"] = time.perf_counter() - t_train
+            if self.ctx.stop_reason:
+                result.update(stopped=self.ctx.stop_reason, stopped_at=self.ctx.global_step)
             self.ctx.model = self.acc.unwrap_model(self.model)
         self.method.finalize(self.ctx)
         result["total_s"] = time.perf_counter() - t0
@@ -153,6 +157,7 @@ class Trainer:
             if name in self.streams:
                 self.streams[name].load_state_dict(s)
         self.ctx.state.update(state.get("method_state", {}))
+        self.ctx.stop_reason = self.ctx.state.get("stop_reason", "")
         if self.acc.is_main_process:
             self._truncate_log(start)
         self.acc.print(f"resumed from {ck} at step {start}/{self.ctx.total_steps}")
@@ -189,8 +194,13 @@ class Trainer:
             if done % max(self.settings.log_every, 1) == 0 or done == plan.total:
                 self.log({"step": done, "phase": phase.name, "lr": lr, **logged}, bar)
             every = self.settings.checkpoint_every
-            if (every and done % every == 0) or i == phase.steps - 1:
+            stop = bool(ctx.stop_reason)
+            if (every and done % every == 0) or i == phase.steps - 1 or stop:
                 self.checkpoint(done)
+            if stop:
+                if done % max(self.settings.log_every, 1) and done != plan.total:
+                    self.log({"step": done, "phase": phase.name, "lr": lr, **logged}, bar)
+                break
         if phase.masks is not None:
             masker.release()
 

@@ -25,7 +25,6 @@ from erase.attacks.base import AttackContext
 from erase.attacks.judge import class_of, evaluator_judge
 from erase.attacks.success import outcome
 from erase.classifier.models import load_classifier
-from erase.diffusion.attack_view import AttackView
 from erase.diffusion.generation import load_generator, resolve_erased, save_png
 from erase.diffusion.task import DiffusionTask
 from erase.errors import EraseError
@@ -51,22 +50,21 @@ def execute(plan: AttackPlan) -> dict:
         class_of(concept, names)  # a concept the judge cannot see fails before the diffusion models load
     judge = evaluator_judge(evaluator)
     task = DiffusionTask(dataclasses.replace(plan.diffusion), seed=plan.seed, device=device, streams=())
-    view = AttackView(task)
     spec, delta, _ = resolve_erased(str(plan.run_dir), plan.diffusion.model)
     erased = load_generator(spec, device, delta).unet
     judge_info = {"evaluator": plan.evaluator, "rule": "the evaluator's top-1 class is the row's concept",
                   "classes": names, "plain_images_per_prompt": 1, "guidance": task.guidance,
                   "sample_steps": plan.diffusion.sample_steps}
     for name, attack in plan.attacks.items():
-        attack.check_task(view)
+        attack.check_task(task)
         folder = plan.run_dir / "attacks" / name
         if plan.overwrite:
             shutil.rmtree(folder, ignore_errors=True)
         atomic_write_json(settings[name], folder / "settings.json")
-        ctx = AttackContext(view, erased, task.concepts.concept, judge, seed=plan.seed, progress=plan.progress)
+        ctx = AttackContext(task, erased, task.concepts.concept, judge, seed=plan.seed, progress=plan.progress)
         records = []
         for row in tqdm(plan.rows, desc=name, disable=not plan.progress):
-            records.append(done_record(folder, row) or attack_row(attack, row, ctx, view, task.base.unet, folder))
+            records.append(done_record(folder, row) or attack_row(attack, row, ctx, task, task.base.unet, folder))
         write_attack_outputs(folder, name, plan, records, settings[name], judge_info)
     return write_union(plan, judge_info)
 
@@ -98,14 +96,14 @@ def check_folder(folder: Path, settings: dict, overwrite: bool) -> None:
                          "pass --overwrite to redo them")
 
 
-def attack_row(attack, row: PromptRow, ctx: AttackContext, view: AttackView, base_unet, folder: Path) -> dict:
+def attack_row(attack, row: PromptRow, ctx: AttackContext, task: DiffusionTask, base_unet, folder: Path) -> dict:
     t0 = time.perf_counter()
     result = attack.run(row, ctx)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
-        cond = view.encode([row.prompt])
-        plain = {"base": view.generate(base_unet, cond, result.seeds, row.guidance),
-                 "erased": view.generate(ctx.model, cond, result.seeds, row.guidance)}
+        cond = task.encode([row.prompt])
+        plain = {"base": task.generate(base_unet, cond, result.seeds, row.guidance),
+                 "erased": task.generate(ctx.model, cond, result.seeds, row.guidance)}
     # The pre-attack verdict: the erased model's plain image at the row's own seed (result.seeds[0]).
     plain_judged = [bool(v) for v in ctx.judge(plain["erased"][:1], ctx.concept_of(row)).tolist()]
     for tag, images in (*plain.items(), ("attacked", result.images)):
