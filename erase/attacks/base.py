@@ -36,6 +36,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -87,6 +88,21 @@ class AttackContext:
     seed: int = 0
     progress: bool = True
     state: dict = field(default_factory=dict)  # per-run cache across rows (e.g. a concept vector)
+    encoder: nn.Module | None = None  # the erased model's own text encoder (advunlearn trains one); None: the task's
+    base: nn.Module | None = None     # the base denoiser (targets of UnlearnDiffAtk and P4D); None: not offered
+    workdir: Path | None = None       # where an optimising attack keeps its per-prompt engine runs (resume)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Conditions of ``prompts`` as the model under attack reads them (its own text encoder if it has one)."""
+        if self.encoder is None:
+            return self.task.encode(prompts)
+        return self.task.encode_ids(self.task.token_ids(prompts), encoder=self.encoder).detach()
+
+    def encode_ids(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Conditions from token ids (and replaced input token embeddings) through the attacked model's encoder."""
+        if self.encoder is None:
+            return self.task.encode_ids(ids, token_embeds)
+        return self.task.encode_ids(ids, token_embeds, encoder=self.encoder)
 
     def concept_of(self, row: PromptRow) -> str:
         return row.concept or self.concept

@@ -101,9 +101,9 @@ class RingABell(Attack):
             raise EraseError(f"ring-a-bell found no prompt avoiding the banned words ({err}); shorten "
                              "--banned-words or drop --avoid-concept-words") from None
         text = frame.texts(found.ids[None])[0]
-        with torch.no_grad():
-            cond = task.encode([text])  # the prompt as it will be replayed: text, re-tokenised
-            replayed = float(((cond[0].float() - target) ** 2).sum())
+        with torch.no_grad():  # the prompt as it will be replayed: text, re-tokenised
+            replayed = float(((task.encode([text])[0].float() - target) ** 2).sum())
+            cond = ctx.encode([text])  # through the attacked model's own text encoder, if it has one
         info.update({"fitness": found.fitness, "fitness_first_generation": found.history[0],
                      "fitness_replayed": replayed, "generations": len(found.history),
                      "evaluations": found.evaluations, "token_ids": found.ids.tolist(),
