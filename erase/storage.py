@@ -93,6 +93,11 @@ def os_error_in(err: BaseException | None) -> OSError | None:
     return None
 
 
+def slug(name: str) -> str:
+    """``name`` as one safe file-name component (a prompt's case number, an attack's work folder)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80] or "x"
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.

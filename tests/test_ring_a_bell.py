@@ -41,6 +41,7 @@ class TinyText:
                                                     max_position_embeddings=77)).eval()
         self.device = torch.device("cpu")
         self.has_cross_attention = True
+        self.text_encoder = self.encoder
 
     def encode_ids(self, ids, token_embeds=None):
         return encode_ids(self.encoder, self.tokenizer, ids, token_embeds)

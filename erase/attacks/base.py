@@ -56,6 +56,7 @@ class TextTask(Protocol):
     """What an attack needs from a text-to-image task (the diffusion task adapter's view for attacks).
 
     ``tokenizer`` is the model's transformers tokenizer (ids <-> text, special ids, ``model_max_length``);
+    ``text_encoder`` the base model's (its input token embeddings are what gradient attacks search);
     ``has_cross_attention`` says the model reads text at all (False for a class-conditional DDPM).
     ``encode(prompts)`` is the condition the denoiser reads for each prompt, (N, L, D);
     ``encode_ids(ids, token_embeds=None)`` the same from token ids padded to L, (N, L, D), with the
@@ -66,6 +67,7 @@ class TextTask(Protocol):
     """
 
     tokenizer: Any
+    text_encoder: nn.Module
     device: torch.device
     has_cross_attention: bool
 
@@ -97,6 +99,11 @@ class AttackContext:
         if self.encoder is None:
             return self.task.encode(prompts)
         return self.task.encode_ids(self.task.token_ids(prompts), encoder=self.encoder).detach()
+
+    def token_table(self) -> torch.Tensor:
+        """(V, D_tok) the attacked model's input token embeddings (frozen)."""
+        encoder = self.encoder if self.encoder is not None else self.task.text_encoder
+        return encoder.get_input_embeddings().weight.detach()
 
     def encode_ids(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Conditions from token ids (and replaced input token embeddings) through the attacked model's encoder."""

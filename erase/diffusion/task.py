@@ -478,7 +478,7 @@ class DiffusionTask(DenoisingTask):
         x0 = batch["latents"]
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        x_t = self.scheduler.add_noise(x0, noise, t)
+        x_t = self.add_noise(x0, noise, t)
         pred = self.predict(model, x_t, t, self.condition(batch["prompt"]))
         if "target_prompt" in batch:
             with torch.no_grad():
@@ -486,6 +486,9 @@ class DiffusionTask(DenoisingTask):
         else:
             target = self.denoising_target(x0, noise, t)
         return F.mse_loss(pred.float(), target.float())
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(x0, noise, t)
 
     def denoising_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the model was trained to predict at ``add_noise(x0, noise, t)``: the noise, or the velocity."""

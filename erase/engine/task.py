@@ -131,6 +131,17 @@ class DenoisingTask(Task):
     def base_weights(self, model: nn.Module) -> AbstractContextManager[nn.Module]:
         """A context in which ``model`` predicts with the base weights (adapters off)."""
 
+    # Timesteps the model was trained on (0 .. num_train_timesteps - 1).
+    num_train_timesteps: int = 1000
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t: ``x0`` noised to timestep ``t`` by the model's forward process."""
+        raise TypeError(f"task {self.name!r} does not expose its forward process")
+
+    def denoising_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the model predicts at ``add_noise(x0, noise, t)`` (the noise, or the velocity)."""
+        raise TypeError(f"task {self.name!r} does not expose its training target")
+
     def concept_token_mask(self) -> torch.Tensor:
         """Bool (prompts, tokens): which text tokens of each forget prompt name the concept."""
         raise TypeError(f"task {self.name!r} has no text prompts")

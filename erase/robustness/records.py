@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from erase.prompts import PromptRow
-
-
-def slug(case: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", case).strip("_")[:80] or "x"
+from erase.storage import slug
 
 
 def image_file(case: str, tag: str, k: int) -> str:

@@ -61,7 +61,8 @@ def execute(plan: AttackPlan) -> dict:
         if plan.overwrite:
             shutil.rmtree(folder, ignore_errors=True)
         atomic_write_json(settings[name], folder / "settings.json")
-        ctx = AttackContext(task, erased, task.concepts.concept, judge, seed=plan.seed, progress=plan.progress)
+        ctx = AttackContext(task, erased, task.concepts.concept, judge, seed=plan.seed, progress=plan.progress,
+                            base=task.base.unet, workdir=folder / "work")
         records = []
         for row in tqdm(plan.rows, desc=name, disable=not plan.progress):
             records.append(done_record(folder, row) or attack_row(attack, row, ctx, task, task.base.unet, folder))
@@ -121,4 +122,6 @@ def attack_row(attack, row: PromptRow, ctx: AttackContext, task: DiffusionTask, 
               "info": {k: v for k, v in result.record().items()
                        if k not in ("case", "prompt", "adversarial_prompt", "seeds", "judged", "success")}}
     atomic_write_json(record, record_file(folder, row.case))  # last: marks the prompt done
+    if ctx.workdir is not None:  # the prompt's engine run (checkpoints for resuming inside it) is no longer needed
+        shutil.rmtree(ctx.workdir / attack.name / slug(row.case), ignore_errors=True)
     return record
