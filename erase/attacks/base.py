@@ -131,6 +131,7 @@ class AttackResult:
     seeds: list[int]
     judged: list[bool] | None                   # per image: shows the concept (None: no judge)
     info: dict = field(default_factory=dict)    # attack-specific numbers (fitness, generations, ...)
+    tensors: dict = field(default_factory=dict)  # name -> tensor saved beside the prompt (a learned word's embedding)
 
     @property
     def success(self) -> bool | None:

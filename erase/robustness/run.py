@@ -115,6 +115,10 @@ def attack_row(attack, row: PromptRow, ctx: AttackContext, task: DiffusionTask, 
         embedding_file = f"embeddings/{slug(row.case)}.safetensors"
         save_safetensors({"embedding": result.adversarial_embedding}, folder / embedding_file,
                          {"prompt": row.prompt, "attack": attack.name, "shape": "(L, D): the condition the UNet reads"})
+    for key, tensor in result.tensors.items():  # one file per tensor: {key: tensor}, e.g. a textual-inversion word
+        name = f"embeddings/{slug(row.case)}.{slug(key)}.safetensors"
+        save_safetensors({key: tensor}, folder / name, {"prompt": row.prompt, "attack": attack.name})
+        embedding_file = embedding_file or name
     o = outcome(plain_judged, result.judged or [])
     record = {**row_fields(row), "adversarial_prompt": result.adversarial_prompt, "embedding_file": embedding_file,
               "seeds": result.seeds, "plain_judged": plain_judged, "attacked_judged": result.judged,
