@@ -31,6 +31,7 @@ examples:
   python erase/attack.py runs/uce-trouser --attack ring-a-bell
   python erase/attack.py runs/uce-trouser --attack ring-a-bell --set avoid-concept-words=true --set population=32
   python erase/attack.py runs/esd-nudity --attack all --prompts i2p_nudity.csv --evaluator my-nudity-classifier
+  python erase/attack.py runs/base-trouser --base-model fmnist-tiny-sd --concept trouser --attack all
   python erase/attack.py --list-attacks
 """
 
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the attacks' own randomness (default: the run's)")
     p.add_argument("--overwrite", action="store_true", help="redo prompts already attacked (clears attacks/<name>/)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--base-model", default="", metavar="MODEL", help="attack this unerased base model instead of a "
+                   "run's erased model (the sanity check: every attack should bring the concept back); RUN_DIR is then "
+                   "the folder the results go to, and --concept names the concept")
+    p.add_argument("--concept", default="", help="with --base-model: the concept the attacks try to bring back")
     p.add_argument("--list-attacks", action="store_true", help="print the attacks and their settings, and exit")
     return p
 
@@ -80,14 +85,17 @@ def main(argv=None) -> int:
     from erase.errors import EraseError
 
     if args.run_dir is None:
-        raise EraseError("RUN_DIR is required: a finished diffusion run folder written by erase/train.py")
+        raise EraseError("RUN_DIR is required: a finished diffusion run folder written by erase/train.py (with "
+                         "--base-model: the folder the results go to)")
+    if args.concept and not args.base_model:
+        raise EraseError("--concept goes with --base-model (a run folder already names its concept)")
     # lazy: the command's --help answers without importing torch
     from erase.progress import set_progress
     from erase.robustness import execute, make_plan
 
     set_progress(not args.no_progress)
     plan = make_plan(args.run_dir, args.attack, args.prompts, args.sets, args.limit, args.evaluator, args.seed,
-                     args.overwrite, not args.no_progress)
+                     args.overwrite, not args.no_progress, args.base_model, args.concept)
     summary = execute(plan)
     print(summary_text(summary))
     print(f"outputs in {plan.run_dir / 'attacks'}/")

@@ -88,22 +88,33 @@ def plan(args) -> list[dict]:
 def run_all(args) -> dict:
     records = []
     t0 = time.perf_counter()
-    # The data and evaluation sizes are part of the folder so runs of another scale are never read back.
-    scale = f"e{args.eval_images}-f{args.n_forget}-r{args.n_retain}"
     for i, r in enumerate(plan(args)):
         if args.shard and i % args.shard[1] != args.shard[0]:
             continue
         override = args.overrides.get(r["method"], {})
-        slug = "_".join(f"{k}{v}" for k, v in override.items())  # a trial recipe gets its own folders
-        name = r["method"] + (f"-{slug}" if slug else "") + f"-s{r['seed']}"
-        out = Path(args.out_dir) / scale / r["model"] / r["concept"].replace(" ", "-").replace(",", "+") / name
-        task = {"model": r["model"], "concept": r["concept"], "data_seed": r["seed"],
-                "eval_images": args.eval_images, "n_forget": args.n_forget, "n_retain": args.n_retain}
-        rec = run_once(out, r["method"], task, dict(override), r["seed"], retry_failed=args.retry_failed)
+        rec = run_erasure(args, r, override)
         print(f"{r['model']:15s} {r['concept']:19s} {r['method']:6s} seed {r['seed']}: {rec['status']}"
               + (f" ({rec.get('error', '')[:120]})" if rec["status"] == "failed" else ""), flush=True)
         records.append({**r, **rec})
     return {"records": records, "wall_s": time.perf_counter() - t0}
+
+
+def run_folder(args, r: dict, override: dict) -> Path:
+    """Where run ``r`` (model, concept, method, seed) lives; the data and evaluation sizes are part of the folder
+    so runs of another scale are never read back, and a trial recipe gets its own folders."""
+    scale = f"e{args.eval_images}-f{args.n_forget}-r{args.n_retain}"
+    slug = "_".join(f"{k}{v}" for k, v in override.items())
+    name = r["method"] + (f"-{slug}" if slug else "") + f"-s{r['seed']}"
+    return Path(args.out_dir) / scale / r["model"] / r["concept"].replace(" ", "-").replace(",", "+") / name
+
+
+def run_erasure(args, r: dict, override: dict | None = None) -> dict:
+    """Run (or read back) one erasure of the benchmark: the record of ``erase.bench.common.run_once``."""
+    override = override or {}
+    task = {"model": r["model"], "concept": r["concept"], "data_seed": r["seed"],
+            "eval_images": args.eval_images, "n_forget": args.n_forget, "n_retain": args.n_retain}
+    return run_once(run_folder(args, r, override), r["method"], task, dict(override), r["seed"],
+                    retry_failed=args.retry_failed)
 
 
 def summarise(records: list[dict]) -> list[dict]:

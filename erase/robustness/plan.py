@@ -22,7 +22,7 @@ from erase.diffusion.task import FMNIST_MODELS, DiffusionConfig
 from erase.errors import EraseError
 from erase.fields import flag_name
 from erase.prompts import PromptRow, load_prompts
-from erase.storage import model_settings, read_yaml
+from erase.storage import atomic_write_text, model_settings, read_yaml
 
 DEFAULT_PROMPTS = "the run's concept prompt and its held-out paraphrases"
 
@@ -39,12 +39,15 @@ class AttackPlan:
     overwrite: bool = False
     progress: bool = True
     sources: dict[str, dict] = field(default_factory=dict)  # name -> {"model": erase.yaml layer, "flags": --set layer}
+    base_only: bool = False             # attack the unerased base model (the attacks' sanity check), not a run's model
 
 
 def make_plan(run_dir: str | Path, attack: str = "all", prompts: str | None = None, sets: list[str] | None = None,
               limit: int = 0, evaluator: str = "", seed: int | None = None, overwrite: bool = False,
-              progress: bool = True) -> AttackPlan:
-    run, saved = read_run(run_dir)
+              progress: bool = True, base_model: str = "", concept: str = "") -> AttackPlan:
+    """``base_model`` (with ``concept``): attack that unerased model, writing into ``run_dir`` (created), as if it
+    were a run that erased ``concept`` — every attack must bring the concept back there."""
+    run, saved = base_run(run_dir, base_model, concept) if base_model else read_run(run_dir)
     cfg = run_config(run, saved)
     names = attack_names(attack)
     layers = model_layers(cfg.model, names)
@@ -67,7 +70,30 @@ def make_plan(run_dir: str | Path, attack: str = "all", prompts: str | None = No
                          "(a classifier folder saved by erase)")
     run_seed = int((saved.get("run") or {}).get("seed", 0) or 0)
     return AttackPlan(run, cfg, run_seed if seed is None else seed, attacks, rows, source, judge, overwrite, progress,
-                      sources)
+                      sources, bool(base_model))
+
+
+def base_run(out_dir: str | Path, model: str, concept: str) -> tuple[Path, dict]:
+    """A folder standing for the unerased ``model`` and ``concept`` (its config.yaml, written once; a folder made for
+    another model or concept is refused)."""
+    if not str(out_dir).strip():
+        raise EraseError("--base-model needs an output folder (RUN_DIR): where attacks/ goes")
+    if not concept.strip():
+        raise EraseError("--base-model needs --concept: the concept every attack must bring back")
+    out = Path(out_dir).expanduser()
+    saved = {"run": {"task": "diffusion", "seed": 0, "base_model_only": True},
+             "diffusion": {"model": model, "concept": concept}}
+    config = out / "config.yaml"
+    if config.is_file():
+        old = read_yaml(config, "run config") or {}
+        if (old.get("diffusion") or {}) != saved["diffusion"] or not (old.get("run") or {}).get("base_model_only"):
+            raise EraseError(f"{out} holds another run ({config}); choose an empty folder for --base-model")
+        return out, old
+    if out.exists() and any(out.iterdir()):
+        raise EraseError(f"{out} is not empty; choose an empty or new folder for --base-model")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(yaml.safe_dump(saved, sort_keys=False), config)
+    return out, saved
 
 
 def read_run(run_dir: str | Path) -> tuple[Path, dict]:

@@ -50,8 +50,11 @@ def execute(plan: AttackPlan) -> dict:
         class_of(concept, names)  # a concept the judge cannot see fails before the diffusion models load
     judge = evaluator_judge(evaluator)
     task = DiffusionTask(dataclasses.replace(plan.diffusion), seed=plan.seed, device=device, streams=())
-    spec, delta, _ = resolve_erased(str(plan.run_dir), plan.diffusion.model)
-    erased = load_generator(spec, device, delta).unet
+    if plan.base_only:
+        erased = task.base.unet
+    else:
+        spec, delta, _ = resolve_erased(str(plan.run_dir), plan.diffusion.model)
+        erased = load_generator(spec, device, delta).unet
     judge_info = {"evaluator": plan.evaluator, "rule": "the evaluator's top-1 class is the row's concept",
                   "classes": names, "plain_images_per_prompt": 1, "guidance": task.guidance,
                   "sample_steps": plan.diffusion.sample_steps}
@@ -73,7 +76,7 @@ def execute(plan: AttackPlan) -> dict:
 def folder_settings(plan: AttackPlan, name: str, attack) -> dict:
     """What the records of an attack folder depend on (besides each prompt's own row)."""
     return {"attack": name, "budget": dataclasses.asdict(attack.config), "evaluator": plan.evaluator,
-            "seed": plan.seed, "erased_model": _finished(plan.run_dir), "sample_steps": plan.diffusion.sample_steps,
+            "seed": plan.seed, "erased_model": "the base model" if plan.base_only else _finished(plan.run_dir), "sample_steps": plan.diffusion.sample_steps,
             "guidance": plan.diffusion.guidance, "budget_sources": plan.sources.get(name, {})}
 
 
