@@ -76,7 +76,8 @@ def execute(plan: AttackPlan) -> dict:
 def folder_settings(plan: AttackPlan, name: str, attack) -> dict:
     """What the records of an attack folder depend on (besides each prompt's own row)."""
     return {"attack": name, "budget": dataclasses.asdict(attack.config), "evaluator": plan.evaluator,
-            "seed": plan.seed, "erased_model": "the base model" if plan.base_only else _finished(plan.run_dir), "sample_steps": plan.diffusion.sample_steps,
+            "seed": plan.seed, "erased_model": "the base model" if plan.base_only else _finished(plan.run_dir),
+            "sample_steps": plan.diffusion.sample_steps,
             "guidance": plan.diffusion.guidance, "budget_sources": plan.sources.get(name, {})}
 
 
