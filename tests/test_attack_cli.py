@@ -24,6 +24,9 @@ from tests.tiny_diffusion import tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "population=8", "--set", "generations=3", "--no-progress"]
+# the gradient attacks' budgets cut to a few steps (their defaults are the official SD budgets)
+GRADIENT_TINY = ["--set", "timesteps=1", "--set", "iterations=2", "--set", "steps=2", "--set", "train-images=2",
+                 "--set", "concept-inversion.batch-size=2", "--set", "check-every=1", "--set", "p4d.images=1"]
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +114,17 @@ def test_attack_run_writes_outputs_resumes_and_overwrites(run_dir, capsys):
     assert run_cli(attack_main, [*args, "--overwrite"]) == 0
     assert all(_mtimes(folder)[k] != v for k, v in before.items())
     assert run_cli(attack_main, [str(run_dir), "--attack", "all", "--set", "continuous=true", "--limit", "1",
-                                 "--overwrite", "--no-progress"]) == 0
+                                 *GRADIENT_TINY, "--overwrite", "--no-progress"]) == 0
     rec = _records(folder)
     assert list(rec) == ["0"] and rec["0"]["adversarial_prompt"] is None
     emb = load_file(str(folder / rec["0"]["embedding_file"]))["embedding"]
     assert emb.shape == (77, 32)
-    assert json.loads((run_dir / "attacks" / "robustness.json").read_text())["prompts"] == 1
+    union = json.loads((run_dir / "attacks" / "robustness.json").read_text())
+    assert union["prompts"] == 1 and set(union["attacks"]) == {"concept-inversion", "p4d", "ring-a-bell", "unlearndiffatk"}
+    ci = _records(run_dir / "attacks" / "concept-inversion")["0"]  # the learned word, in diffusers' TI format
+    word = load_file(str(run_dir / "attacks" / "concept-inversion" / "embeddings" / "0.concept.safetensors"))
+    assert list(word) == ["<concept>"] and word["<concept>"].ndim == 1 and "<concept>" in ci["adversarial_prompt"]
+    assert not (run_dir / "attacks" / "unlearndiffatk" / "work" / "unlearndiffatk" / "0").exists()  # cleaned up
 
 
 def _one_line_error(capsys, main, argv) -> str:
@@ -129,7 +137,7 @@ def _one_line_error(capsys, main, argv) -> str:
 
 def test_bad_inputs_fail_in_one_line_before_any_model_loads(run_dir, tmp_path, capsys):
     run = str(run_dir)
-    assert "unknown attack 'ringabell'; choose one of: ring-a-bell" in _one_line_error(
+    assert "unknown attack 'ringabell'; choose one of: concept-inversion, p4d, ring-a-bell, unlearndiffatk" in _one_line_error(
         capsys, attack_main, [run, "--attack", "ringabell"])
     assert "no such folder" in _one_line_error(capsys, attack_main, [str(tmp_path / "nope")])
     assert "RUN_DIR is required" in _one_line_error(capsys, attack_main, [])
@@ -150,3 +158,27 @@ def test_bad_inputs_fail_in_one_line_before_any_model_loads(run_dir, tmp_path, c
     # evaluate.py --attacks plans (and so checks) the attacks before it generates anything
     assert "unknown attack 'ringabell'" in _one_line_error(capsys, evaluate_main, [run, "--attacks", "ringabell"])
     assert not (run_dir / "evaluation").exists()
+
+
+def test_base_model_mode_attacks_the_unerased_model(run_dir, tmp_path, capsys):
+    model = _base_of(run_dir)
+    out = tmp_path / "base"
+    args = [str(out), "--base-model", model, "--concept", "trouser", "--attack", "unlearndiffatk", "--limit", "1",
+            "--evaluator", "fmnist-classifier", "--set", "timesteps=1", "--set", "iterations=2", "--no-progress"]
+    assert run_cli(attack_main, args) == 0
+    data = json.loads((out / "attacks" / "unlearndiffatk" / "robustness.json").read_text())
+    settings = json.loads((out / "attacks" / "unlearndiffatk" / "settings.json").read_text())
+    assert data["prompts"] == 1 and settings["erased_model"] == "the base model"
+    assert run_cli(attack_main, args) == 0  # a rerun reads the folder's own config back and resumes
+    assert "--concept goes with --base-model" in _one_line_error(capsys, attack_main, [str(run_dir), "--concept", "x"])
+    assert "needs --concept" in _one_line_error(capsys, attack_main, [str(tmp_path / "b2"), "--base-model", model])
+    assert "holds another run" in _one_line_error(
+        capsys, attack_main, [str(out), "--base-model", model, "--concept", "dress"])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert "not empty" in _one_line_error(
+        capsys, attack_main, [str(tmp_path / "full"), "--base-model", model, "--concept", "trouser"])
+
+
+def _base_of(run_dir: Path) -> str:
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["diffusion"]["model"]

@@ -158,6 +158,7 @@ class Trainer:
                 self.streams[name].load_state_dict(s)
         self.ctx.state.update(state.get("method_state", {}))
         self.ctx.stop_reason = self.ctx.state.get("stop_reason", "")
+        self.ctx.global_step = start
         if self.acc.is_main_process:
             self._truncate_log(start)
         self.acc.print(f"resumed from {ck} at step {start}/{self.ctx.total_steps}")
