@@ -182,3 +182,27 @@ def test_base_model_mode_attacks_the_unerased_model(run_dir, tmp_path, capsys):
 
 def _base_of(run_dir: Path) -> str:
     return yaml.safe_load((run_dir / "config.yaml").read_text())["diffusion"]["model"]
+
+
+def test_two_processes_split_the_prompts_and_match_one(run_dir, tmp_path):
+    """torchrun with 2 CPU processes: each attacks its share, and the records equal a one-process run's."""
+    runs = {}
+    for n in (1, 2):
+        copy = tmp_path / f"run{n}"
+        shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("attacks"))
+        launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     "--nproc_per_node", "2"]  # standalone: a free port of its own
+        cmd = [*launcher, str(ROOT / "erase" / "attack.py"), str(copy), "--attack", "ring-a-bell,unlearndiffatk",
+               "--set", "population=6", "--set", "generations=2", "--set", "timesteps=1", "--set", "iterations=2",
+               "--no-progress"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[n] = {a: _records(copy / "attacks" / a) for a in ("ring-a-bell", "unlearndiffatk")}
+        assert json.loads((copy / "attacks" / "robustness.json").read_text())["prompts"] == 2
+    for attack, records in runs[1].items():
+        assert set(records) == set(runs[2][attack]) == {"0", "1"}
+        for case, r in records.items():
+            assert r["adversarial_prompt"] == runs[2][attack][case]["adversarial_prompt"]
+        assert {r["process"] for r in records.values()} == {"0/1"}
+        assert {case: r["process"] for case, r in runs[2][attack].items()} == {"0": "0/2", "1": "1/2"}

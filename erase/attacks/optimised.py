@@ -5,7 +5,9 @@ An attack that optimises by gradient describes one prompt's optimisation as an :
 every ``check_every`` steps that may end the run) and calls :func:`optimise`. That builds a
 ``Method`` of one phase for the engine's ``run_method``, so the attack gets the engine's seeds per
 step, Adam/AdamW, logging to ``log.jsonl``, the NaN guard, checkpoints and exact resume, and stops
-early through ``RunContext.request_stop`` when the check says the concept is back.
+early through ``RunContext.request_stop`` when the check says the concept is back. The loop runs on
+``erase.engine.local.LocalAccelerator``: under ``accelerate launch`` each process attacks its own
+prompts, so an embedding's gradients must never be averaged with another process's.
 
 The parameter lives in a :class:`Parameter` module (nothing else is trainable: the frozen denoisers
 and text encoder are closed over by the objective), so a checkpoint holds the embedding alone.
@@ -26,6 +28,7 @@ from torch import nn
 
 from erase.attacks.base import Attack, AttackContext
 from erase.engine import LoopSettings, RunContext, run_method
+from erase.engine.local import LocalAccelerator
 from erase.engine.method import Method, MethodConfig, Phase
 from erase.engine.streams import DataView
 from erase.engine.task import DenoisingTask
@@ -116,12 +119,7 @@ def optimise(ctx: AttackContext, row: PromptRow, attack: str, init: torch.Tensor
     The run folder is ``ctx.workdir/<attack>/<case>`` (resumed when it holds a checkpoint) or a
     temporary folder that is removed afterwards.
     """
-    # lazy: accelerate's import pulls in most of torch.distributed
-    from accelerate import Accelerator
-
-    accelerator = ctx.state.get("accelerator")
-    if accelerator is None:
-        accelerator = ctx.state["accelerator"] = Accelerator(cpu=ctx.task.device.type == "cpu")
+    accelerator = LocalAccelerator(ctx.task.device)  # one prompt, one process: never synchronised with others
     temporary = ctx.workdir is None
     folder = Path(tempfile.mkdtemp(prefix="erase-attack-")) if temporary else \
         ctx.workdir / attack / slug(row.case)

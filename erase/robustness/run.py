@@ -7,7 +7,9 @@ prompt whose record exists and matches the row (``--overwrite`` clears the attac
 The pre-attack verdict is the erased model's plain image at the row's own seed, judged once per
 prompt whatever the attack, so attacks run at different times still agree on it (their union needs that).
 
-Prompts are attacked in one process; accelerate's ``split_between_processes`` is not used yet.
+Under ``accelerate launch`` (or torchrun) the prompts are split over the processes (rows i, i + N, ...);
+each process writes its own prompts' records, then the main process reads them all back and writes
+the outputs and the union. A rerun with another number of processes still skips every finished prompt.
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ def execute(plan: AttackPlan) -> dict:
     settings = {name: folder_settings(plan, name, attack) for name, attack in plan.attacks.items()}
     for name in plan.attacks:  # every refusal before any model loads
         check_folder(plan.run_dir / "attacks" / name, settings[name], plan.overwrite)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # lazy: accelerate's import pulls in most of torch.distributed
+    from accelerate import PartialState
+
+    # Under `accelerate launch` / torchrun each process attacks its share of the prompts (rows i, i + N, ...);
+    # the main process then reads every record back and writes the outputs.
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: accelerate sets up gloo for CPU processes
+    device = state.device
     evaluator = load_classifier(plan.evaluator).to(device).eval()
     names = list(evaluator.config.class_names)
     for concept in dict.fromkeys(r.concept for r in plan.rows):
@@ -58,19 +66,32 @@ def execute(plan: AttackPlan) -> dict:
     judge_info = {"evaluator": plan.evaluator, "rule": "the evaluator's top-1 class is the row's concept",
                   "classes": names, "plain_images_per_prompt": 1, "guidance": task.guidance,
                   "sample_steps": plan.diffusion.sample_steps}
+    n, rank = state.num_processes, state.process_index
     for name, attack in plan.attacks.items():
         attack.check_task(task)
         folder = plan.run_dir / "attacks" / name
-        if plan.overwrite:
-            shutil.rmtree(folder, ignore_errors=True)
-        atomic_write_json(settings[name], folder / "settings.json")
-        ctx = AttackContext(task, erased, task.concepts.concept, judge, seed=plan.seed, progress=plan.progress,
-                            base=task.base.unet, workdir=folder / "work")
-        records = []
-        for row in tqdm(plan.rows, desc=name, disable=not plan.progress):
-            records.append(done_record(folder, row) or attack_row(attack, row, ctx, task, task.base.unet, folder))
-        write_attack_outputs(folder, name, plan, records, settings[name], judge_info)
-    return write_union(plan, judge_info)
+        if state.is_main_process:
+            if plan.overwrite:
+                shutil.rmtree(folder, ignore_errors=True)
+            atomic_write_json(settings[name], folder / "settings.json")
+        state.wait_for_everyone()
+        # One work folder per process: an attack that learns once per concept (concept inversion) learns it in
+        # each process, and never two processes in one checkpoint folder.
+        work = folder / "work" / (f"process-{rank}-of-{n}" if n > 1 else "")
+        ctx = AttackContext(task, erased, task.concepts.concept, judge, seed=plan.seed,
+                            progress=plan.progress and state.is_local_main_process, base=task.base.unet,
+                            workdir=work)
+        for row in tqdm(plan.rows[rank::n], desc=name, disable=not ctx.progress):
+            if done_record(folder, row) is None:
+                attack_row(attack, row, ctx, task, task.base.unet, folder, f"{rank}/{n}")
+        state.wait_for_everyone()
+        if state.is_main_process:
+            records = [done_record(folder, row) for row in plan.rows]
+            write_attack_outputs(folder, name, plan, records, settings[name], judge_info)
+    if state.is_main_process:
+        summary = write_union(plan, judge_info)
+    state.wait_for_everyone()
+    return summary if state.is_main_process else json.loads((plan.run_dir / "attacks" / "robustness.json").read_text())
 
 
 def folder_settings(plan: AttackPlan, name: str, attack) -> dict:
@@ -101,7 +122,8 @@ def check_folder(folder: Path, settings: dict, overwrite: bool) -> None:
                          "pass --overwrite to redo them")
 
 
-def attack_row(attack, row: PromptRow, ctx: AttackContext, task: DiffusionTask, base_unet, folder: Path) -> dict:
+def attack_row(attack, row: PromptRow, ctx: AttackContext, task: DiffusionTask, base_unet, folder: Path,
+               process: str = "0/1") -> dict:
     t0 = time.perf_counter()
     result = attack.run(row, ctx)
     seconds = time.perf_counter() - t0
@@ -127,6 +149,7 @@ def attack_row(attack, row: PromptRow, ctx: AttackContext, task: DiffusionTask, 
     record = {**row_fields(row), "adversarial_prompt": result.adversarial_prompt, "embedding_file": embedding_file,
               "seeds": result.seeds, "plain_judged": plain_judged, "attacked_judged": result.judged,
               "pre": o.pre, "adversarial": o.adversarial, "success": o.success, "seconds": round(seconds, 3),
+              "process": process,
               "info": {k: v for k, v in result.record().items()
                        if k not in ("case", "prompt", "adversarial_prompt", "seeds", "judged", "success")}}
     atomic_write_json(record, record_file(folder, row.case))  # last: marks the prompt done
