@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # Torch from local wheels on the project's build machines; elsewhere pip resolves the floors in pyproject.toml.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo demo-classifier test setup data lint clean
+.PHONY: demo demo-classifier demo-attack test setup data lint clean
 
 setup: $(STAMP) data
 
@@ -32,6 +32,9 @@ demo: setup
 
 demo-classifier: setup
 	bash scripts/demo_classifier.sh
+
+demo-attack: setup
+	bash scripts/demo_attack.sh
 
 test: setup
 	$(PY) -m ruff check erase tests scripts
