@@ -27,7 +27,7 @@ def _method(**kw) -> AdvUnlearn:
 
 @pytest.mark.parametrize("kind,kw", [("sd1", {}), ("sd2v", {"attack": "fast-at", "attack_init": "latest"}),
                                      ("sd1", {"train": "text-encoder+xattn"})])
-def test_two_steps_train_only_the_text_encoder(models, tmp_path, kind, kw):
+def test_two_steps_train_only_the_text_encoder(models, tmp_path, kind, kw):  # noqa: F811
     task = _task(models[kind], streams=())
     ctx = _ctx(task, tmp_path, text_encoder=True)
     m = _method(**kw)
@@ -52,7 +52,7 @@ def test_two_steps_train_only_the_text_encoder(models, tmp_path, kind, kw):
         assert len(ctx.state["advunlearn_prefix"][0]) == 1  # k = 1 prefix token kept for the next round
 
 
-def test_inner_attack_lowers_its_own_loss(models, tmp_path):
+def test_inner_attack_lowers_its_own_loss(models, tmp_path):  # noqa: F811
     task = _task(models["sd1"], streams=())
     ctx = _ctx(task, tmp_path, text_encoder=True)
     m = _method(attack_steps=10, attack_lr=1e-3)  # the official lr; larger steps overshoot embeddings of ~0.02
@@ -76,7 +76,7 @@ def test_inner_attack_lowers_its_own_loss(models, tmp_path):
     assert all(p.grad is None for p in model.parameters())  # the attack differentiates the prefix only
 
 
-def test_evaluation_reads_prompts_and_the_empty_prompt_through_the_trained_encoder(models, tmp_path):
+def test_evaluation_reads_prompts_and_the_empty_prompt_through_the_trained_encoder(models, tmp_path):  # noqa: F811
     """task.generate with the trained model == the pipeline with that text encoder swapped in (what model/ loads as)."""
     from erase.diffusion.sampling import decode_sd
 
@@ -111,7 +111,7 @@ ARGS = ["--concept", "trouser", "--method", "advunlearn", "--retain-concepts", "
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(models, tmp_path_factory):
+def pipeline_run(models, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("advunlearn") / "run"
     digest = _files_digest(Path(models["sd1"]))
     assert run_cli(train_main, [*ARGS, "--model", str(models["sd1"]), "--output-dir", str(out)]) == 0
@@ -119,7 +119,7 @@ def pipeline_run(models, tmp_path_factory):
     return out
 
 
-def test_pipeline_save_reloads_with_plain_diffusers(models, pipeline_run):
+def test_pipeline_save_reloads_with_plain_diffusers(models, pipeline_run):  # noqa: F811
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_run / "model")
@@ -133,6 +133,7 @@ def test_pipeline_save_reloads_with_plain_diffusers(models, pipeline_run):
     assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()
     metrics = json.loads((pipeline_run / "metrics.json").read_text())
     assert metrics["method"] == "advunlearn" and "concept_acc" in metrics["after"]
+    assert "trained text encoder in `model/text_encoder/`" in (pipeline_run / "README.md").read_text()
 
 
 def test_attack_command_attacks_through_the_erased_text_encoder(pipeline_run, monkeypatch):
@@ -157,7 +158,7 @@ def test_attack_command_attacks_through_the_erased_text_encoder(pipeline_run, mo
     assert not torch.allclose(ctx.encode(["a photo of a trouser"]), task.encode(["a photo of a trouser"]))
 
 
-def test_delta_holds_the_text_encoder_and_erase_loaders_apply_it(models, tmp_path):
+def test_delta_holds_the_text_encoder_and_erase_loaders_apply_it(models, tmp_path):  # noqa: F811
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
@@ -172,6 +173,7 @@ def test_delta_holds_the_text_encoder_and_erase_loaders_apply_it(models, tmp_pat
         keys, meta = list(f.keys()), f.metadata()
     assert meta["format"] == "erase-delta" and meta["parts"] == "text_encoder"
     assert keys and all(k.startswith("text_encoder.") for k in keys)
+    assert "text-encoder tensors: apply it to the whole pipeline" in (out / "README.md").read_text()
     pipe = StableDiffusionPipeline.from_pretrained(models["sd1"])
     with pytest.raises(EraseError, match="text-encoder weights.*whole pipeline"):
         load_delta(pipe.unet, path)
@@ -197,7 +199,7 @@ def test_bad_config_values_name_the_flag(kw, flag):
         AdvUnlearn(AdvUnlearnConfig(**kw))
 
 
-def test_lora_and_ddpm_are_refused_in_one_line_before_any_work(models, tmp_path, capsys):
+def test_lora_and_ddpm_are_refused_in_one_line_before_any_work(models, tmp_path, capsys):  # noqa: F811
     for extra, words in ((["--save-format", "lora"], "LoRA"), (["--lora-rank", "4"], "LoRA")):
         out = tmp_path / "lora"
         capsys.readouterr()
@@ -209,3 +211,23 @@ def test_lora_and_ddpm_are_refused_in_one_line_before_any_work(models, tmp_path,
                                 "--output-dir", str(tmp_path / "ddpm"), *FAST])
     assert code == 2 and "DDPM" in capsys.readouterr().err
     assert erase.get_method("advunlearn").trains_text_encoder and not erase.get_method("esd-x").trains_text_encoder
+
+
+def test_resume_reproduces_the_uninterrupted_run(models, tmp_path):  # noqa: F811
+    """The retain-prompt pool and the latest prefix live in the checkpoint: a resumed run ends where one run ends."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    args = [*ARGS, "--model", str(models["sd1"]), "--max-steps", "4", "--attack-init", "latest", "--checkpoint-every", "2"]
+    assert run_cli(train_main, [*args, "--output-dir", str(tmp_path / "a")]) == 0
+    b = tmp_path / "b"
+    assert run_cli(train_main, [*args, "--output-dir", str(b)]) == 0
+    state = json.loads((b / "checkpoints" / "step-000002" / "state.json").read_text())["method_state"]
+    assert "advunlearn_unseen_retain" in state and "advunlearn_prefix" in state
+    shutil.rmtree(b / "checkpoints" / "step-000004")
+    (b / "run.json").unlink()
+    assert run_cli(train_main, [*args, "--output-dir", str(b), "--resume"]) == 0
+    weights = "model/text_encoder/model.safetensors"
+    ta, tb = load_file(str(tmp_path / "a" / weights)), load_file(str(b / weights))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)

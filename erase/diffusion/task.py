@@ -64,8 +64,9 @@ class DiffusionConfig(TaskConfig):
     evaluator: str = opt("", "classifier folder that judges generated images (default: fmnist-classifier for the "
                          "bundled models; none otherwise)")
     save_format: str = opt("pipeline", "how the erased model is written: a full diffusers folder (model/), a peft LoRA "
-                           "(lora/, for pipe.load_lora_weights; trains LoRA adapters), or only the changed UNet tensors "
-                           "(delta.safetensors; erase.diffusion.export.load_delta)", ("pipeline", "lora", "delta"))
+                           "(lora/, for pipe.load_lora_weights; trains LoRA adapters), or only the changed UNet tensors, "
+                           "plus the text encoder's for methods that train it (delta.safetensors; "
+                           "erase.diffusion.export.load_delta)", ("pipeline", "lora", "delta"))
     lora_rank: int = opt(0, "train rank-r LoRA adapters on the UNet's attention projections instead of its weights "
                          "(0: full weights; --save-format lora uses 4 unless set)")
     lora_targets: str = opt("to_q,to_k,to_v,to_out.0", "comma-separated module names that get LoRA adapters")
