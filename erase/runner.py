@@ -85,7 +85,7 @@ def run(r: Resolved) -> RunResult:
     method = r.method_cls(r.method)
     task = task_registry()[r.task_name][1](r.task, seed=r.run.seed, device=accelerator.device, streams=method.streams)
     method.check_task(task)
-    model = task.build_model(from_scratch=method.from_scratch).to(accelerator.device)
+    model = task.build_model(from_scratch=method.from_scratch, text_encoder=method.trains_text_encoder).to(accelerator.device)
     if accelerator.is_main_process:
         task.before_training(model, out)  # e.g. the base model's images for the before/after grid
     ctx = RunContext(accelerator=accelerator, model=model, task=task, views=task.views, output_dir=out,

@@ -40,17 +40,17 @@ def _task(model_dir, concept="garbage truck", streams=("forget", "retain"), **kw
     return DiffusionTask(cfg, seed=0, streams=streams)
 
 
-def _ctx(task, tmp_path):
+def _ctx(task, tmp_path, text_encoder=False):
     from accelerate import Accelerator
 
-    model = task.build_model(False)
+    model = task.build_model(False, text_encoder=text_encoder)
     return RunContext(accelerator=Accelerator(cpu=True), model=model, task=task, views=task.views,
                       output_dir=Path(tmp_path), seed=0)
 
 
 CLOSED_FORM = ("uce", "rece")  # no optimiser steps; tests/test_closed_form.py runs them
 CASES = [(m, k) for m in erase.list_methods(task="diffusion") for k in ("sd1", "sd2v", "ddpm", "bundled")
-         if not (k == "ddpm" and m in ("esd-x", "fmn")) and m not in CLOSED_FORM]
+         if not (k == "ddpm" and m in ("esd-x", "fmn", "advunlearn")) and m not in CLOSED_FORM]
 CONCEPT = {"sd1": "garbage truck", "sd2v": "garbage truck", "ddpm": "airplane", "bundled": "trouser"}
 # Settings a method needs beyond the defaults on a model (ca: an anchor the bundled model's erase.yaml would give).
 EXTRA = {("ca", "sd1"): {"anchor": "church"}, ("ca", "sd2v"): {"anchor": "church"},
@@ -60,9 +60,9 @@ EXTRA = {("ca", "sd1"): {"anchor": "church"}, ("ca", "sd2v"): {"anchor": "church
 @pytest.mark.parametrize("method,kind", CASES)
 def test_method_two_steps(models, tmp_path, method, kind):
     task = _task(models[kind], concept=CONCEPT[kind])
-    ctx = _ctx(task, tmp_path)
-    before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
     cls = erase.get_method(method, "diffusion")
+    ctx = _ctx(task, tmp_path, text_encoder=cls.trains_text_encoder)
+    before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
     cfg = cls.Config(**{**cls.task_defaults.get("diffusion", {}), "max_steps": 2, "batch_size": 2, "lr": 1e-3,
                         **EXTRA.get((method, kind), {})})
     if hasattr(cfg, "ddim_steps"):
@@ -81,6 +81,8 @@ def test_method_two_steps(models, tmp_path, method, kind):
         assert all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed)
     if method == "esd-u":
         assert not any(".attn2." in n for n in changed)
+    if method == "advunlearn":
+        assert all(n.startswith("text_encoder.") for n in changed)
     masks = m.parameter_masks(ctx)
     if masks:
         for n, mask in masks.items():
@@ -89,7 +91,7 @@ def test_method_two_steps(models, tmp_path, method, kind):
 
 def test_ddpm_rejects_text_only_methods(models):
     task = _task(models["ddpm"], concept="airplane")
-    for name in ("esd-x", "fmn"):
+    for name in ("esd-x", "fmn", "advunlearn"):
         cls = erase.get_method(name)
         with pytest.raises(erase.EraseError, match="DDPM"):
             cls(cls.Config()).check_task(task)

@@ -187,3 +187,22 @@ def test_attack_brings_trouser_back_on_the_bundled_base_model(name):
     if name == "concept-inversion":  # the attacked prompt never names the concept
         assert not any(w in r.adversarial_prompt for r in results for w in ("trouser", "pants", "jeans"))
     assert sum(r.success for r in results) >= 0.9 * len(prompts), [r.judged for r in results]
+
+
+def test_gradient_attacks_run_against_a_model_with_its_own_text_encoder(models):  # noqa: F811
+    """An advunlearn-style erased model (UNet + trained text encoder): attacks encode through that encoder."""
+    import copy
+
+    from erase.diffusion.text_model import TextConditionedUNet
+
+    task = _task(models["sd1"], streams=())
+    encoder = copy.deepcopy(task.text_encoder)
+    with torch.no_grad():
+        encoder.get_encoder().layers[0].mlp.fc1.weight.mul_(3.0)  # a different encoder than the base's
+    erased = TextConditionedUNet(task.base.unet, encoder, task.tokenizer)
+    ctx = AttackContext(task, erased, "garbage truck", lambda im, c: torch.zeros(im.shape[0], dtype=torch.bool),
+                        progress=False, base=task.base.unet, encoder=encoder)
+    assert not torch.allclose(ctx.encode(["a cat"]), task.encode(["a cat"]))
+    for name in ("unlearndiffatk", "p4d", "concept-inversion"):
+        result = _attack(name).run(PromptRow("0", "a photo of a garbage truck", 7, None), ctx)
+        assert result.images.shape[0] == _attack(name).config.images and result.judged is not None

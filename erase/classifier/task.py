@@ -115,7 +115,9 @@ class ClassifierTask(ClassificationTask):
         return ResNetConfig(num_classes=self.num_classes, in_channels=c, width=self.cfg.width,
                             mean=mean, std=std, image_size=h, class_names=self.train_set.class_names)
 
-    def build_model(self, from_scratch: bool) -> ResNet18:
+    def build_model(self, from_scratch: bool, text_encoder: bool = False) -> ResNet18:
+        if text_encoder:
+            raise EraseError("a classifier has no text encoder to train; this method is for text-to-image models")
         if self.cfg.original:
             original = load_classifier(self.cfg.original)
             oc = original.config

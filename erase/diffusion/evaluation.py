@@ -54,7 +54,8 @@ def generate_groups(task, unet, groups: list[Group]) -> list[torch.Tensor]:
                                task.cfg.sample_steps, task.null_class)
             out.append(task.to_images(x).cpu())
         else:
-            out.append(task.generate(unet, task.encode([g.cond]), g.seeds))
+            # A model that trained its text encoder reads the prompt through it (the task's encoder is the base's).
+            out.append(task.generate(unet, task.encode_for(unet, [g.cond]), g.seeds))
     unet.train(was)
     return out
 

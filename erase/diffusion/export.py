@@ -1,9 +1,12 @@
-"""Write an erased model: a full diffusers folder, or only the UNet tensors that changed.
+"""Write an erased model: a full diffusers folder, or only the tensors that changed.
 
 ``pipeline`` writes ``model/`` — ``StableDiffusionPipeline.from_pretrained("…/model")`` loads it
-as usual (for a DDPM: ``model/unet`` + ``model/scheduler``). ``delta`` writes
-``delta.safetensors`` with the changed UNet tensors only; :func:`load_delta` applies it to the
-base model. Both are written into a temporary folder / file and renamed into place.
+as usual (for a DDPM: ``model/unet`` + ``model/scheduler``); a model whose text encoder was trained
+(:class:`~erase.diffusion.text_model.TextConditionedUNet`) writes that encoder as ``model/text_encoder``.
+``delta`` writes ``delta.safetensors`` with the changed tensors only: UNet keys as the UNet names them
+(format ``erase-unet-delta``), or — when a text encoder was trained — ``unet.*`` and ``text_encoder.*``
+keys (format ``erase-delta``); :func:`load_delta` applies either to the base pipeline. Both are
+written into a temporary folder / file and renamed into place. LoRA exports hold UNet adapters only.
 """
 
 from __future__ import annotations
@@ -11,24 +14,31 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from erase.diffusion.text_model import TextConditionedUNet
 from erase.errors import EraseError
 from erase.storage import atomic_dir, load_safetensors, save_safetensors
 
+UNET_DELTA, DELTA = "erase-unet-delta", "erase-delta"  # the metadata "format" of the two kinds of delta file
 
-def save_pipeline(task, unet, out: Path) -> Path:
+
+def save_pipeline(task, model, out: Path) -> Path:
     with atomic_dir(out / "model") as tmp:
         if task.kind == "ddpm":
-            unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            model.save_pretrained(tmp / "unet", safe_serialization=True)
             task.scheduler.save_pretrained(tmp / "scheduler")
         else:
             pipe = task.base.pipe
-            original = pipe.unet
-            pipe.unet = unet
+            original = pipe.unet, pipe.text_encoder
+            if isinstance(model, TextConditionedUNet):
+                pipe.unet, pipe.text_encoder = model.unet, model.text_encoder
+            else:
+                pipe.unet = model
             try:
                 pipe.save_pretrained(tmp, safe_serialization=True)
             finally:
-                pipe.unet = original
+                pipe.unet, pipe.text_encoder = original
     return out / "model"
 
 
@@ -51,28 +61,63 @@ def merge_lora(unet) -> None:
         unet.unload_lora()
 
 
-def changed_tensors(base_state: dict[str, torch.Tensor], unet) -> dict[str, torch.Tensor]:
-    now = unet.state_dict()
+def changed_tensors(base_state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    now = model.state_dict()
     return {k: v for k, v in now.items() if k in base_state and not torch.equal(v.cpu(), base_state[k])}
 
 
-def save_delta(base_state: dict[str, torch.Tensor], unet, out: Path) -> Path:
-    delta = changed_tensors(base_state, unet)
+def save_delta(base_state: dict[str, torch.Tensor], model, out: Path) -> Path:
+    """The tensors of ``model`` (a UNet, or a UNet with its trained text encoder) that differ from ``base_state``."""
+    delta = changed_tensors(base_state, model)
     path = out / "delta.safetensors"
-    save_safetensors(delta, path, {"format": "erase-unet-delta", "tensors": str(len(delta))})
+    if isinstance(model, TextConditionedUNet):
+        parts = sorted({k.split(".", 1)[0] for k in delta})
+        save_safetensors(delta, path, {"format": DELTA, "parts": ",".join(parts), "tensors": str(len(delta))})
+    else:
+        save_safetensors(delta, path, {"format": UNET_DELTA, "tensors": str(len(delta))})
     return path
 
 
-def load_delta(pipe_or_unet, path: str | Path) -> int:
-    """Overwrite the base UNet's tensors with those in ``delta.safetensors``; returns how many changed.
+def delta_format(path: str | Path) -> str | None:
+    """The kind of erase delta ``path`` is (``erase-unet-delta`` / ``erase-delta``), or None for anything else."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+    except Exception:  # noqa: BLE001 - not a safetensors file: the caller reports it
+        return None
+    return fmt if fmt in (UNET_DELTA, DELTA) else None
 
-    ``load_delta(StableDiffusionPipeline.from_pretrained(base), "run/delta.safetensors")``.
+
+def load_delta(pipe_or_unet, path: str | Path) -> int:
+    """Overwrite the base model's tensors with those in ``delta.safetensors``; returns how many changed.
+
+    ``load_delta(StableDiffusionPipeline.from_pretrained(base), "run/delta.safetensors")``. A delta that
+    holds text-encoder tensors needs the pipeline (or a ``TextConditionedUNet``), not a bare UNet.
     """
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     delta = load_safetensors(path)
-    own = unet.state_dict()
-    bad = [k for k, v in delta.items() if k not in own or own[k].shape != v.shape]
+    if delta_format(path) != DELTA:
+        return _apply(getattr(pipe_or_unet, "unet", pipe_or_unet), delta, path, "UNet")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in delta.items():
+        part, _, name = key.partition(".")
+        parts.setdefault(part, {})[name] = value
+    unknown = sorted(set(parts) - {"unet", "text_encoder"})
+    if unknown:
+        raise EraseError(f"{path} holds tensors of {unknown[0]!r}, which erase does not write; is it an erase delta?")
+    if "text_encoder" in parts and getattr(pipe_or_unet, "text_encoder", None) is None:
+        raise EraseError(f"{path} also holds text-encoder weights (the run trained the text encoder): apply it to the "
+                         "whole pipeline, load_delta(pipe, path), not to its UNet")
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    n = _apply(unet, parts.get("unet", {}), path, "UNet")
+    if "text_encoder" in parts:
+        n += _apply(pipe_or_unet.text_encoder, parts["text_encoder"], path, "text encoder")
+    return n
+
+
+def _apply(module, tensors: dict[str, torch.Tensor], path, what: str) -> int:
+    own = module.state_dict()
+    bad = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]
     if bad:
-        raise EraseError(f"{path} does not fit this UNet (e.g. {bad[0]}); was it made from another base model?")
-    unet.load_state_dict(delta, strict=False)
-    return len(delta)
+        raise EraseError(f"{path} does not fit this {what} (e.g. {bad[0]}); was it made from another base model?")
+    module.load_state_dict(tensors, strict=False)
+    return len(tensors)

@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 import yaml
 from PIL import Image
-from safetensors import safe_open
 
 from erase.classifier.data import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
-from erase.diffusion.export import load_delta
+from erase.diffusion.export import delta_format, load_delta
 from erase.diffusion.grid import before_after_grid
 from erase.diffusion.loading import load_base
 from erase.diffusion.sampling import sample_ddpm
@@ -65,11 +64,7 @@ def _slug(text: str) -> str:
 # --- models ----------------------------------------------------------------------------------------
 
 def _is_delta(path: Path) -> bool:
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("format") == "erase-unet-delta"
-    except Exception:  # not a safetensors file: let load_base report it
-        return False
+    return delta_format(path) is not None  # not a safetensors file: load_base reports it
 
 
 def _run_base(run: Path) -> str | None:
@@ -98,7 +93,7 @@ def resolve_erased(spec: str, base: str | None) -> tuple[str, Path | None, str |
         raise EraseError(f"{p} holds neither a diffusers model, model/, nor delta.safetensors")
     if p.is_file() and p.suffix == ".safetensors" and _is_delta(p):
         if not base:
-            raise EraseError(f"{p} is an erase delta (changed UNet tensors only): pass --base with the model it was made from")
+            raise EraseError(f"{p} is an erase delta (changed tensors only): pass --base with the model it was made from")
         return base, p, None
     return spec, None, None
 
@@ -110,11 +105,23 @@ def load_generator(spec: str, device, delta: Path | None = None):
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars per model are noise in generation logs
     model = load_base(spec, device)
-    if delta is not None:
-        load_delta(model.unet, delta)
+    if delta is not None:  # to the pipeline: a delta of a run that trained the text encoder changes it too
+        load_delta(model.pipe if model.pipe is not None else model.unet, delta)
         model.source = f"{model.source} + {delta}"
     model.unet.eval()
     return model
+
+
+def trained_text_encoder(erased, base_pipe):
+    """The erased model's text encoder when it differs from the base model's (a run that trained it, e.g.
+    advunlearn), else None: then the erased model reads the same conditions as the base."""
+    if erased.pipe is None or base_pipe is None:
+        return None
+    mine, theirs = erased.pipe.text_encoder.state_dict(), base_pipe.text_encoder.state_dict()
+    if mine.keys() != theirs.keys():
+        return erased.pipe.text_encoder
+    same = all(torch.equal(v, theirs[k].to(v.device)) for k, v in mine.items())
+    return None if same else erased.pipe.text_encoder
 
 
 def default_guidance(spec: str, kind: str) -> float:

@@ -19,6 +19,7 @@ from erase.diffusion.data import cached_tensor
 from erase.diffusion.evaluation import accuracy_metrics, eval_groups, generate_groups
 from erase.diffusion.export import merge_lora, save_delta, save_lora, save_pipeline
 from erase.diffusion.grid import before_after_grid
+from erase.diffusion.text_model import own_text_encoder
 from erase.metrics.fid import fid_metric, fit_reference
 from erase.storage import atomic_path, atomic_write_text
 
@@ -50,6 +51,7 @@ class RunOutputs:
     def __init__(self, task, model):
         """Generate the base model's evaluation images (and judge them) before any weight changes."""
         self.task, self.cfg, self.kind = task, task.cfg, task.kind
+        self.trains_text_encoder = own_text_encoder(model) is not None  # the card says where that encoder went
         self.groups = eval_groups(task)
         key = {"base-images": task.base.fingerprint, "guidance": task.guidance, "steps": task.cfg.sample_steps,
                "groups": [[g.name, str(g.cond), g.seeds] for g in self.groups]}
@@ -112,6 +114,11 @@ class RunOutputs:
         keys = [x for x in ("concept_acc", "paraphrase_acc", "other_acc", "fid") if x in a]
         table = ["| metric | base | erased |", "|---|---:|---:|"] + [f"| {x} | {b.get(x, '')} | {a.get(x, '')} |" for x in keys]
         where = {"pipeline": "model/", "lora": "lora/", "delta": "delta.safetensors"}[self.cfg.save_format]
+        note = ""
+        if self.trains_text_encoder:
+            note = {"pipeline": " (with the trained text encoder in `model/text_encoder/`)",
+                    "delta": " (the changed UNet and text-encoder tensors: apply it to the whole pipeline)"}.get(
+                        self.cfg.save_format, "")
         load = {
             "pipeline": ("```python\nfrom diffusers import StableDiffusionPipeline\n"
                          "pipe = StableDiffusionPipeline.from_pretrained(\"model\")\n```") if self.kind == "sd" else
@@ -131,7 +138,7 @@ class RunOutputs:
             f"- evaluator: {metrics['settings']['evaluator'] or 'none'}; guidance {task.guidance}, "
             f"{self.cfg.sample_steps} {type(task.scheduler).__name__.removesuffix('Scheduler')} steps, "
             f"{self.cfg.eval_images} images per prompt",
-            f"- weights: `{where}`", "", "## Load", "", load, "", "## Metrics", "", *table, "",
+            f"- weights: `{where}`{note}", "", "## Load", "", load, "", "## Metrics", "", *table, "",
             "## Before / after", "", "![before and after](grid.png)", "", "## Resolved configuration", "",
             "```yaml", yaml.safe_dump(resolved, sort_keys=False).rstrip(), "```", ""])
         atomic_write_text(card, out / "README.md")

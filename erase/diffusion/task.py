@@ -10,6 +10,7 @@ It implements the Task contract with the denoising extension (erase/engine/task.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -29,6 +30,7 @@ from erase.diffusion.loading import DiffusionBase, ddpm_num_classes, load_base, 
 from erase.diffusion.outputs import RunOutputs, save_erased
 from erase.diffusion.sampling import decode_sd, encode_sd, sample_ddpm, sample_sd
 from erase.diffusion.text_encoding import encode_ids, token_ids
+from erase.diffusion.text_model import TextConditionedUNet, denoiser
 from erase.engine.streams import DataView
 from erase.engine.task import DenoisingTask, TaskConfig
 from erase.errors import EraseError
@@ -62,8 +64,9 @@ class DiffusionConfig(TaskConfig):
     evaluator: str = opt("", "classifier folder that judges generated images (default: fmnist-classifier for the "
                          "bundled models; none otherwise)")
     save_format: str = opt("pipeline", "how the erased model is written: a full diffusers folder (model/), a peft LoRA "
-                           "(lora/, for pipe.load_lora_weights; trains LoRA adapters), or only the changed UNet tensors "
-                           "(delta.safetensors; erase.diffusion.export.load_delta)", ("pipeline", "lora", "delta"))
+                           "(lora/, for pipe.load_lora_weights; trains LoRA adapters), or only the changed UNet tensors, "
+                           "plus the text encoder's for methods that train it (delta.safetensors; "
+                           "erase.diffusion.export.load_delta)", ("pipeline", "lora", "delta"))
     lora_rank: int = opt(0, "train rank-r LoRA adapters on the UNet's attention projections instead of its weights "
                          "(0: full weights; --save-format lora uses 4 unless set)")
     lora_targets: str = opt("to_q,to_k,to_v,to_out.0", "comma-separated module names that get LoRA adapters")
@@ -165,6 +168,11 @@ class DiffusionTask(DenoisingTask):
         embeds, _ = self.base.pipe.encode_prompt(prompts, self.device, 1, do_classifier_free_guidance=False)
         return embeds.detach()
 
+    def encode_for(self, model, prompts: list[str]) -> torch.Tensor:
+        """Conditions of ``prompts`` as ``model`` reads them: through its own text encoder when it carries one
+        (a :class:`TextConditionedUNet`), else the base model's (:meth:`encode`)."""
+        return model.encode(prompts) if isinstance(model, TextConditionedUNet) else self.encode(prompts)
+
     # -- text, for attacks and text-encoder methods (erase.attacks.base.TextTask) -------------------------
     @property
     def tokenizer(self):
@@ -199,10 +207,13 @@ class DiffusionTask(DenoisingTask):
         cond = cond.expand(n, -1, -1) if cond.shape[0] == 1 else cond
         if cond.shape[0] != n:
             raise ValueError(f"{cond.shape[0]} conditions for {n} seeds")
+        # A model with its own text encoder also reads the empty prompt through it (as its saved pipeline does).
+        null = (model.encode([""]).expand(n, -1, -1) if isinstance(model, TextConditionedUNet)
+                else self.null_condition(n, self.device))
         was = model.training
         model.eval()
         try:
-            x, _ = sample_sd(self.base.pipe, model, cond, self.null_condition(n, self.device), seeds,
+            x, _ = sample_sd(self.base.pipe, denoiser(model), cond, null, seeds,
                              self.guidance if guidance is None else guidance, self.cfg.sample_steps)
         finally:
             model.train(was)
@@ -444,9 +455,14 @@ class DiffusionTask(DenoisingTask):
         return self.eval_views[name].batches(self.eval_batch_size)
 
     # -- the method vocabulary ---------------------------------------------------------------------
-    def build_model(self, from_scratch: bool):
+    def build_model(self, from_scratch: bool, text_encoder: bool = False):
+        """The UNet to edit; with ``text_encoder`` a :class:`TextConditionedUNet` of the UNet and a trainable copy
+        of the text encoder (the base model's own encoder stays as it is: the task's cached conditions, the
+        frozen teacher's inputs, keep coming from it)."""
         if from_scratch:
             raise EraseError("retraining a diffusion model from scratch is not offered; choose an erasure method")
+        if text_encoder:
+            return self._text_and_unet()
         unet = self.base.unet
         if self.cfg.save_format == "delta":  # the reference for "changed", taken before any adapter is added
             self._base_state = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
@@ -463,6 +479,19 @@ class DiffusionTask(DenoisingTask):
             unet.add_adapter(LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_rank,
                                         init_lora_weights="gaussian", target_modules=targets))
         return unet
+
+    def _text_and_unet(self) -> TextConditionedUNet:
+        self._need_text()
+        if self.lora:
+            raise EraseError("training the text encoder is offered for its full weights only: LoRA (--save-format lora, "
+                             "--lora-rank) is not; use --save-format pipeline or delta")
+        encoder = copy.deepcopy(self.base.pipe.text_encoder).requires_grad_(True)
+        model = TextConditionedUNet(self.base.unet, encoder, self.base.pipe.tokenizer)
+        if self.cfg.save_format == "delta":  # "changed" is judged against the base UNet and text encoder
+            self._base_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if self.cfg.gradient_checkpointing and hasattr(self.base.unet, "enable_gradient_checkpointing"):
+            self.base.unet.enable_gradient_checkpointing()
+        return model
 
     @contextmanager
     def base_weights(self, unet):
@@ -515,9 +544,16 @@ class DiffusionTask(DenoisingTask):
         if self.kind == "ddpm":
             return sample_ddpm(unet, self.scheduler, [self.concept_classes[concept]] * n, seeds, guidance, steps,
                                self.null_class, stop_after=stop_after)
-        cond = self.concept_condition(n, self.device, concept)
-        return sample_sd(self.base.pipe, unet, cond, self.null_condition(n, self.device), seeds, guidance, steps,
-                         stop_after=stop_after)
+        return self.partial_sample_under(unet, self.concept_condition(n, self.device, concept), stop_after, steps,
+                                         guidance, seeds)
+
+    def partial_sample_under(self, unet, cond: torch.Tensor, stop_after: int, steps: int, guidance: float,
+                             seeds: list[int]):
+        """x_t after ``stop_after`` of ``steps`` guided denoising steps under the conditions ``cond`` (N, L, D),
+        one per seed (e.g. retain prompts'), and t. The unconditional side is the task's empty prompt."""
+        self._need_text()
+        return sample_sd(self.base.pipe, denoiser(unet), cond.to(self.device), self.null_condition(len(seeds), self.device),
+                         seeds, guidance, steps, stop_after=stop_after)
 
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         """UNet-space samples -> images in [0, 1]."""

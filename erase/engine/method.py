@@ -112,6 +112,9 @@ class Method:
     streams: ClassVar[tuple[str, ...]] = ()
     # True for methods that start from freshly initialised weights (retrain).
     from_scratch: ClassVar[bool] = False
+    # True for methods that train the text encoder (advunlearn): the runner asks the task for a model holding
+    # the denoiser and a trainable text encoder (``Task.build_model(text_encoder=True)``); masks pick what trains.
+    trains_text_encoder: ClassVar[bool] = False
     # Config defaults that differ by task, e.g. {"diffusion": {"optimizer": "adam", "lr": 1e-5}}.
     task_defaults: ClassVar[dict[str, dict]] = {}
     # The knobs a benchmark's tuning grid multiplies; None: every learning rate (``lr`` and ``*_lr``).

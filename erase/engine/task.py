@@ -74,8 +74,13 @@ class Task(ABC):
 
     # -- what the runner calls ---------------------------------------------------------------------
     @abstractmethod
-    def build_model(self, from_scratch: bool) -> nn.Module:
-        """The model to edit (the base model, or a fresh one for methods that retrain)."""
+    def build_model(self, from_scratch: bool, text_encoder: bool = False) -> nn.Module:
+        """The model to edit (the base model, or a fresh one for methods that retrain).
+
+        ``text_encoder``: the method trains the text encoder too (``Method.trains_text_encoder``); the model is
+        then one module holding the denoiser and a trainable text encoder, and ``save_model`` / ``evaluate``
+        write and judge both. A task without a text encoder refuses it (EraseError).
+        """
 
     def before_training(self, model: nn.Module, out: Path) -> None:  # noqa: B027 - optional hook
         """Work on the base weights before any change (e.g. the 'before' images); optional."""

@@ -27,8 +27,9 @@ from erase.attacks.base import AttackContext
 from erase.attacks.judge import class_of, evaluator_judge
 from erase.attacks.success import outcome
 from erase.classifier.models import load_classifier
-from erase.diffusion.generation import load_generator, resolve_erased, save_png
+from erase.diffusion.generation import load_generator, resolve_erased, save_png, trained_text_encoder
 from erase.diffusion.task import DiffusionTask
+from erase.diffusion.text_model import TextConditionedUNet
 from erase.errors import EraseError
 from erase.prompts import PromptRow
 from erase.robustness.plan import AttackPlan
@@ -58,11 +59,17 @@ def execute(plan: AttackPlan) -> dict:
         class_of(concept, names)  # a concept the judge cannot see fails before the diffusion models load
     judge = evaluator_judge(evaluator)
     task = DiffusionTask(dataclasses.replace(plan.diffusion), seed=plan.seed, device=device, streams=())
+    encoder = None
     if plan.base_only:
         erased = task.base.unet
     else:
         spec, delta, _ = resolve_erased(str(plan.run_dir), plan.diffusion.model)
-        erased = load_generator(spec, device, delta).unet
+        generator = load_generator(spec, device, delta)
+        # A run that trained the text encoder (advunlearn) is attacked through it: attacks encode with ctx.encoder,
+        # and the model they generate with reads its empty prompt through the same encoder (as its pipeline does).
+        encoder = trained_text_encoder(generator, task.base.pipe)
+        erased = generator.unet if encoder is None else TextConditionedUNet(generator.unet, encoder,
+                                                                           generator.pipe.tokenizer)
     judge_info = {"evaluator": plan.evaluator, "rule": "the evaluator's top-1 class is the row's concept",
                   "classes": names, "plain_images_per_prompt": 1, "guidance": task.guidance,
                   "sample_steps": plan.diffusion.sample_steps}
@@ -80,7 +87,7 @@ def execute(plan: AttackPlan) -> dict:
         work = folder / "work" / (f"process-{rank}-of-{n}" if n > 1 else "")
         ctx = AttackContext(task, erased, task.concepts.concept, judge, seed=plan.seed,
                             progress=plan.progress and state.is_local_main_process, base=task.base.unet,
-                            workdir=work)
+                            workdir=work, encoder=encoder)
         for row in tqdm(plan.rows[rank::n], desc=name, disable=not ctx.progress):
             if done_record(folder, row) is None:
                 attack_row(attack, row, ctx, task, task.base.unet, folder, f"{rank}/{n}")
@@ -128,9 +135,8 @@ def attack_row(attack, row: PromptRow, ctx: AttackContext, task: DiffusionTask, 
     result = attack.run(row, ctx)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
-        cond = task.encode([row.prompt])
-        plain = {"base": task.generate(base_unet, cond, result.seeds, row.guidance),
-                 "erased": task.generate(ctx.model, cond, result.seeds, row.guidance)}
+        plain = {"base": task.generate(base_unet, task.encode([row.prompt]), result.seeds, row.guidance),
+                 "erased": task.generate(ctx.model, ctx.encode([row.prompt]), result.seeds, row.guidance)}
     # The pre-attack verdict: the erased model's plain image at the row's own seed (result.seeds[0]).
     plain_judged = [bool(v) for v in ctx.judge(plain["erased"][:1], ctx.concept_of(row)).tolist()]
     for tag, images in (*plain.items(), ("attacked", result.images)):
