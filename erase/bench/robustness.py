@@ -47,7 +47,7 @@ LITERATURE = ("esd-x", "fmn", "uce")  # "union ASR rises >= 30 points over pre-A
 def plan(args) -> list[dict]:
     cells = []
     for concept in args.concepts:
-        for method in ["base", *args.methods]:
+        for method in (["base"] if args.base else []) + args.methods:
             for seed in range(args.seeds if method in args.three_seeds else 1):
                 cells.append({"model": MODEL, "concept": concept, "method": method, "seed": seed})
     return cells
@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concepts", default="trouser,sneaker", help="concepts erased from fmnist-tiny-sd and attacked")
     p.add_argument("--methods", default=",".join(METHODS), help="erasure methods (the base model is always a row)")
+    p.add_argument("--no-base", dest="base", action="store_false", help="leave the base-model rows out of this "
+                   "invocation (e.g. a third process that only adds a method's rows while shards attack the base)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the methods in --three-seeds (others get 1)")
     p.add_argument("--three-seeds", default=",".join(THREE_SEEDS), help="rows that get --seeds seeds")
     p.add_argument("--prompts", type=int, default=0, help="attack prompts per concept after --stride (0: all)")
