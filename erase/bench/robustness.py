@@ -11,8 +11,9 @@ at the same scale), then attacked by every registered attack with the model's re
 (``erase.yaml`` ``attacks:``), Ring-A-Bell with the concept's words and synonyms kept out of its
 prompts. The unerased **base model** is a row too: there the attacks' adversarial prompts alone
 must bring the concept back (adversarial ASR; concept inversion and Ring-A-Bell never name the
-concept). Attack prompts: every other row of the run's concept prompt and held-out paraphrases
-(``--prompts``), each with its fixed seed; one image per attacked prompt (three for P4D, as official).
+concept). Attack prompts: every 4th row of the run's concept prompt and held-out paraphrases
+(``--stride``, ``--prompts``; 4 of 13 for the bundled classes), each with its fixed seed; one image
+per attacked prompt (three for P4D, as official).
 A seed changes the erasure's data and noise *and* the attacks' randomness.
 
 Columns: pre-ASR (the erased model's plain image shows the concept), ASR per attack (plain or
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds of the methods in --three-seeds (others get 1)")
     p.add_argument("--three-seeds", default=",".join(THREE_SEEDS), help="rows that get --seeds seeds")
     p.add_argument("--prompts", type=int, default=0, help="attack prompts per concept after --stride (0: all)")
-    p.add_argument("--stride", type=int, default=2, help="take every N-th prompt of the concept prompt and paraphrases")
+    p.add_argument("--stride", type=int, default=4, help="take every N-th prompt of the concept prompt and paraphrases")
     p.add_argument("--eval-images", type=int, default=8, help="evaluation images per prompt of the erasure runs")
     p.add_argument("--n-forget", type=int, default=64, help="generated forget images of the erasure runs")
     p.add_argument("--n-retain", type=int, default=64, help="generated retain images of the erasure runs")
