@@ -70,7 +70,8 @@ def test_slots_frame_prompts_and_fill_them(models):  # noqa: F811
     allowed = torch.tensor([5, 7, 9])
     assert nearest_tokens(table[[9, 5]] * 3, table, allowed).tolist() == [9, 5]  # cosine: the scale does not matter
     # P4D-K: a slot first and after every k prompt tokens
-    assert [x is SLOT for x in interleave([1, 2, 3, 4], 3)] == [True, False, True, False, True]
+    assert [x is SLOT for x in interleave([1, 2, 3, 4], 3)] == [True, False, True, False]  # ⌊4/3⌋ + 1 = 2 slots
+    assert sum(x is SLOT for x in interleave(list(range(9)), 3)) == 4
 
 
 def test_concept_words_are_replaced_by_the_placeholder():
@@ -206,3 +207,7 @@ def test_gradient_attacks_run_against_a_model_with_its_own_text_encoder(models):
     for name in ("unlearndiffatk", "p4d", "concept-inversion"):
         result = _attack(name).run(PromptRow("0", "a photo of a garbage truck", 7, None), ctx)
         assert result.images.shape[0] == _attack(name).config.images and result.judged is not None
+    k = _attack("p4d", variant="k").run(PromptRow("0", "a photo of a garbage truck", 7, None), ctx)  # P4D-K
+    words = len(task.tokenizer("a photo of a garbage truck", add_special_tokens=False).input_ids)
+    assert k.info["learnable_tokens"] == words // 3 + 1  # the prompt kept, learnable tokens between
+    assert all(w in k.adversarial_prompt for w in ("photo", "garbage", "truck"))

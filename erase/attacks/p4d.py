@@ -69,7 +69,8 @@ def interleave(tokens: list[int], every: int) -> list:
     """P4D-K's parts: a slot, then the prompt's tokens with a slot after every ``every`` of them."""
     parts: list = [SLOT]
     for i in range(0, len(tokens), every):
-        parts += [tokens[i:i + every], SLOT]
+        chunk = tokens[i:i + every]
+        parts += [chunk, SLOT] if len(chunk) == every else [chunk]  # ⌊L/k⌋ + 1 slots in all
     return parts
 
 
