@@ -242,6 +242,10 @@ def main(argv=None) -> int:
         print(f"shard {args.shard[0]}/{args.shard[1]} done; run again without --shard for the report")
         return 0
     attacks = list_attacks("diffusion")
+    for r in records:  # the base rows show the base model's own evaluation (every run's "before", same seeds)
+        if r["status"] == "done" and r["method"] == "base":
+            r["metrics"] = next((o["metrics_before"] for o in records if o["status"] == "done"
+                                 and o["method"] != "base" and o["concept"] == r["concept"]), r["metrics"])
     rows = summarise(records, attacks)
     base_other = next((r["metrics_before"]["other_acc"] for r in records
                        if r["status"] == "done" and r["method"] != "base"), None)
