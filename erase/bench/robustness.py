@@ -131,7 +131,8 @@ def summarise(records: list[dict], attacks: list[str]) -> list[dict]:
     return rows
 
 
-def check_targets(rows: list[dict], attacks: list[str], base_other: float | None) -> list[dict]:
+def check_targets(rows: list[dict], attacks: list[str], base_other: dict[str, float]) -> list[dict]:
+    """The issue's done-when on the mean rows; ``base_other``: concept -> the base model's other-class accuracy."""
     out = []
     for r in (r for r in rows if r["method"] == "base" and r["seeds"]):
         for name in attacks:
@@ -145,7 +146,8 @@ def check_targets(rows: list[dict], attacks: list[str], base_other: float | None
                 "value": best[2] if best else None, "where": f"{best[0]} / {best[1]}" if best else "",
                 "met": bool(best and best[2] >= 30)})
     for r in (r for r in rows if r["method"] != "base" and r["seeds"]):
-        drop = None if base_other is None or r["other_acc"][0] is None else base_other - r["other_acc"][0]
+        base = base_other.get(r["concept"])
+        drop = None if base is None or r["other_acc"][0] is None else base - r["other_acc"][0]
         out.append({"target": f"robust: {r['method']} / {r['concept']}: union ASR <= 10 % (mean of 3 seeds) with the "
                               "other classes within 3 points of the base",
                     "value": r["union_asr"][0], "other_drop": drop, "seeds": r["seeds"],
@@ -247,8 +249,8 @@ def main(argv=None) -> int:
             r["metrics"] = next((o["metrics_before"] for o in records if o["status"] == "done"
                                  and o["method"] != "base" and o["concept"] == r["concept"]), r["metrics"])
     rows = summarise(records, attacks)
-    base_other = next((r["metrics_before"]["other_acc"] for r in records
-                       if r["status"] == "done" and r["method"] != "base"), None)
+    base_other = {r["concept"]: r["metrics_before"]["other_acc"] for r in records
+                  if r["status"] == "done" and r["method"] != "base"}
     done = [r for r in records if r["status"] == "done" and r["method"] != "base"]
     budgets = done[0]["attacks"] if done else {}
     meta = {"command": "python -m erase.bench.robustness " + " ".join(sys.argv[1:] if argv is None else argv),
