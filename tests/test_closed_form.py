@@ -159,17 +159,18 @@ def test_rece_leaves_less_for_its_adversarial_embedding_than_uce(models, tmp_pat
                           n_retain=1, sample_steps=1)
     task = DiffusionTask(cfg)
     unet = task.build_model(False)
-    original = [lin.weight.detach().clone() for _, lin in kv_projections(unet, "kv")]
+    lmap = task.layer_map(unet)
+    original = [lin.weight.detach().clone() for _, lin in kv_projections(lmap, unet, "kv")]
     c_t = task.encode(["garbage truck"])[0]
 
     def residual(method, **kw):
-        for (_, lin), w in zip(kv_projections(unet, "kv"), original):
+        for (_, lin), w in zip(kv_projections(lmap, unet, "kv"), original):
             lin.weight.data.copy_(w)
         ctx = RunContext(accelerator=Accelerator(cpu=True), model=unet, task=task, views=task.views,
                          output_dir=tmp_path / method)
         cls = erase.get_method(method)
         run_method(cls(cls.Config(**kw)), ctx, LoopSettings(progress=False))
-        edited = [lin.weight.detach() for _, lin in kv_projections(unet, "kv")]
+        edited = [lin.weight.detach() for _, lin in kv_projections(lmap, unet, "kv")]
         adv = rece_embedding(edited, original, c_t, 0.1)
         return sum(float((adv @ we.T - c_t @ wo.T).norm() ** 2) for we, wo in zip(edited, original))
 

@@ -187,7 +187,7 @@ def measure_uce(model_dir: Path, out: Path, n: int) -> dict:
     rss_loaded = _rss_gb()
     method = UCE(UCEConfig())
     method.check_task(task)
-    layers = kv_projections(model, method.config.edit)
+    layers = kv_projections(task.layer_map(model), model, method.config.edit)
     with clock("encode_s"):
         erase, guide, keep, n_preserve = method.uce_rows(task)
     cfg, ps = method.config, method.effective_preserve_scale(n_preserve)

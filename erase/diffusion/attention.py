@@ -1,7 +1,8 @@
 """Store cross-attention probabilities through diffusers attention processors.
 
-``AttentionStore`` installs a :class:`StoringAttnProcessor` on every cross-attention layer
-(``attn2``) of a UNet — the way diffusers' attend-and-excite pipeline observes attention, not a
+``AttentionStore`` installs a :class:`StoringAttnProcessor` on every attention processor where the
+model's layer map (``erase.diffusion.layers``) records text-token attention — SD's cross-attention
+(``attn2``) — the way diffusers' attend-and-excite pipeline observes attention, not a
 monkeypatched forward. The processor is diffusers' own ``AttnProcessor``; while the store is
 recording, it captures what ``Attention.get_attention_scores`` returns (the softmax maps of shape
 (batch·heads, queries, tokens)). ``remove()`` puts the original processors back.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
+from erase.diffusion.layers import denoiser_of, layer_map
 from erase.errors import EraseError
 
 
@@ -22,14 +24,21 @@ class AttentionStore:
         self._original = None
         self._unet = None
 
-    def install(self, unet) -> AttentionStore:
+    def install(self, model) -> AttentionStore:
+        """Record on ``model``'s denoiser (a UNet, or one inside a wrapper) at the points its layer map names."""
+        unet = denoiser_of(model)
+        lmap = layer_map(unet)
+        if lmap.reads_text and not lmap.records_attention:
+            raise EraseError(f"recording text-token attention is not supported yet for {lmap.family} denoisers "
+                             f"({type(unet).__name__}): diffusers' joint attention processors expose no attention "
+                             "probabilities; erase.diffusion.layers says what is missing")
+        points = set(lmap.attention_processor_names(unet))
+        if not points:
+            raise EraseError(f"this {type(unet).__name__} has no text cross-attention layers to observe")
         self._unet = unet
         self._original = dict(unet.attn_processors)
-        procs = {name: (StoringAttnProcessor(self, name) if ".attn2." in name else proc)
-                 for name, proc in self._original.items()}
-        if not any(".attn2." in n for n in procs):
-            raise EraseError("this UNet has no cross-attention layers (attn2) to observe")
-        unet.set_attn_processor(procs)
+        unet.set_attn_processor({name: (StoringAttnProcessor(self, name) if name in points else proc)
+                                 for name, proc in self._original.items()})
         return self
 
     def remove(self) -> None:

@@ -26,11 +26,13 @@ from erase.classifier.data import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
 from erase.diffusion.attention import AttentionStore, token_positions
 from erase.diffusion.concepts import ConceptSet, make_concepts, read_concept_file, split_concepts
 from erase.diffusion.data import LatentSet, PairedSet, cached, generate, read_images
+from erase.diffusion.layers import layer_map
 from erase.diffusion.loading import DiffusionBase, ddpm_num_classes, load_base, local_folder, model_kind
 from erase.diffusion.outputs import RunOutputs, save_erased
 from erase.diffusion.sampling import decode_sd, encode_sd, sample_ddpm, sample_sd
 from erase.diffusion.text_encoding import encode_ids, token_ids
 from erase.diffusion.text_model import TextConditionedUNet, denoiser
+from erase.engine.layers import LayerMap
 from erase.engine.streams import DataView
 from erase.engine.task import DenoisingTask, TaskConfig
 from erase.errors import EraseError
@@ -69,7 +71,8 @@ class DiffusionConfig(TaskConfig):
                            "erase.diffusion.export.load_delta)", ("pipeline", "lora", "delta"))
     lora_rank: int = opt(0, "train rank-r LoRA adapters on the UNet's attention projections instead of its weights "
                          "(0: full weights; --save-format lora uses 4 unless set)")
-    lora_targets: str = opt("to_q,to_k,to_v,to_out.0", "comma-separated module names that get LoRA adapters")
+    lora_targets: str = opt("", "comma-separated module names that get LoRA adapters (default: the model family's "
+                            "attention projections from its layer map, to_q,to_k,to_v,to_out.0 on SD)")
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet (SD scale)")
     batch_size_gen: int = opt(32, "images per batch when generating")
 
@@ -135,6 +138,8 @@ class DiffusionTask(DenoisingTask):
         self._check_concepts_before_loading()
         self.base: DiffusionBase = load_base(cfg.model, self.device, cfg.original_config)
         self.kind = self.base.kind
+        if self.lora and not cfg.lora_targets.strip():  # resolved here, so the run's saved config names them
+            cfg.lora_targets = ",".join(layer_map(self.base.unet).lora_targets)
         self.has_cross_attention = self.kind == "sd"
         self.outputs: RunOutputs | None = None
         self._base_state: dict | None = None
@@ -576,6 +581,9 @@ class DiffusionTask(DenoisingTask):
 
     def record_attention(self, model) -> AttentionStore:
         return AttentionStore().install(model)
+
+    def layer_map(self, model) -> LayerMap:
+        return layer_map(model)
 
     # -- what the runner calls -------------------------------------------------------------------------
     def before_training(self, model, out: Path) -> None:

@@ -9,7 +9,7 @@ A task adapts one kind of model (a classifier, a denoiser) to one vocabulary:
 
 Two extensions add what only some methods need: :class:`ClassificationTask` (logits, classes) and
 :class:`DenoisingTask` (noise prediction under a condition, conditions, partial sampling, base
-weights, attention recording). A method that needs an extension says so in ``check_task``.
+weights, attention recording, the layer map). A method that needs an extension says so in ``check_task``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from erase.engine.layers import LayerMap
 from erase.engine.streams import DataView
 
 
@@ -150,6 +151,11 @@ class DenoisingTask(Task):
     def concept_token_mask(self) -> torch.Tensor:
         """Bool (prompts, tokens): which text tokens of each forget prompt name the concept."""
         raise TypeError(f"task {self.name!r} has no text prompts")
+
+    def layer_map(self, model: nn.Module) -> LayerMap:
+        """Which of ``model``'s layers read the text (text attention, text keys/values, recording points, text
+        encoders): methods ask this instead of naming module paths. See erase.engine.layers."""
+        raise TypeError(f"task {self.name!r} has no layer map")
 
     def record_attention(self, model: nn.Module) -> Any:
         """Install an attention store on the model's cross-attention; see erase.diffusion.attention."""

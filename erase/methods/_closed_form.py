@@ -1,6 +1,6 @@
 """Closed-form cross-attention edits (UCE, RECE) as pure torch: no task, model or pipeline types here.
 
-UCE (Gandikota et al., WACV 2024) rewrites a projection W0 (``to_k`` / ``to_v``, shape (out, d))
+UCE (Gandikota et al., WACV 2024) rewrites a projection W0 (a text key or value projection, shape (out, d))
 so that erased token vectors c_i map where their guides g_i used to go, preserved vectors c_j keep
 their outputs, and the weights stay near W0:
 

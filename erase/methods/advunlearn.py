@@ -6,8 +6,9 @@ A bi-level problem (OPTML-Group/AdvUnlearn @ 9d23124, ``train-scripts/``):
 
 θ is the **text encoder** (``train_method text_encoder_full``: every ``text_model.encoder.*`` weight plus
 ``final_layer_norm``; token and position embeddings frozen, ``utils/util.py:L36-68``); ``--train
-text-encoder+xattn`` also trains the UNet's cross-attention (``attn2``). ε₀ is the frozen original model
-reading the original text encoder's conditions (the task's cached ones).
+text-encoder+xattn`` also trains the UNet's cross-attention (what the model's layer map calls text
+attention). ε₀ is the frozen original model reading the original text encoder's conditions (the task's
+cached ones).
 
 Each iteration (``AdvUnlearn.py:L72-163``):
 
@@ -71,7 +72,7 @@ STATE_PREFIX, STATE_UNSEEN = "advunlearn_prefix", "advunlearn_unseen_retain"
 @dataclass
 class AdvUnlearnConfig(MethodConfig):
     train: str = opt("text-encoder", "what trains: the text encoder's transformer layers and final layer norm "
-                     "(official text_encoder_full), or those plus the UNet's cross-attention (attn2)",
+                     "(official text_encoder_full), or those plus the UNet's cross-attention",
                      ("text-encoder", "text-encoder+xattn"))
     max_steps: int = opt(1000, "outer iterations (official --iterations 1000)")
     lr: float = opt(1e-5, "outer learning rate (official Adam 1e-5)")
@@ -168,9 +169,10 @@ class AdvUnlearn(Method):
 
     def parameter_masks(self, ctx):
         xattn = self.config.train == "text-encoder+xattn"
+        text_attention = ctx.task.layer_map(ctx.model).is_text_attention
 
         def trains(name: str) -> bool:
-            return name.startswith(TEXT_TRAINED) or (xattn and name.startswith("unet.") and ".attn2." in name)
+            return name.startswith(TEXT_TRAINED) or (xattn and name.startswith("unet.") and text_attention(name))
 
         # 0-d masks expanded to each shape: uniform per tensor, so nothing of the model's size is allocated.
         masks = {n: torch.tensor(trains(n), device=p.device).expand(p.shape) for n, p in ctx.model.named_parameters()}

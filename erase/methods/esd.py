@@ -5,8 +5,9 @@ the student so that ε_θ(x_t, c) matches the frozen base model's negatively gui
 
     target = ε_θo(x_t, ∅) − η · (ε_θo(x_t, c) − ε_θo(x_t, ∅)).
 
-``esd-x`` trains only the cross-attention layers (``attn2``; erases the concept where the prompt
-names it), ``esd-u`` everything except them (erases it unconditionally). Defaults from the
+``esd-x`` trains only the text attention — the cross-attention layers on SD, as the model's layer
+map names them (``DenoisingTask.layer_map``; erases the concept where the prompt names it),
+``esd-u`` everything except them (erases it unconditionally). Defaults from the
 authors' code: η (negative guidance) 1.0, sampling guidance 3, 50 DDIM steps, lr 1e-5 (Adam),
 1000 iterations, one image per step. The original CompVis code samples x_t with the model being
 edited (``--sampler student``, the default here); the authors' newer diffusers script samples
@@ -53,10 +54,6 @@ class ESDConfig(MethodConfig):
             raise EraseError(f"--ddim-steps must be at least 2, got {self.ddim_steps}")
 
 
-def is_cross_attention(name: str) -> bool:
-    return ".attn2." in name
-
-
 class _ESD(Method):
     tasks = ("diffusion",)
     Config = ESDConfig
@@ -85,8 +82,9 @@ class _ESD(Method):
         self.teacher = ctx.frozen_copy(dtypes[dt])
 
     def parameter_masks(self, ctx):
-        keep = is_cross_attention if self.train_cross_attention else (lambda n: not is_cross_attention(n))
-        masks = {n: torch.full_like(p, keep(n), dtype=torch.bool) for n, p in ctx.model.named_parameters()}
+        text = ctx.task.layer_map(ctx.model).is_text_attention
+        masks = {n: torch.full_like(p, text(n) == self.train_cross_attention, dtype=torch.bool)
+                 for n, p in ctx.model.named_parameters()}
         if not any(m.any() for m in masks.values()):
             raise EraseError(f"{self.name}: the model has no parameters of the kind it trains")
         return masks

@@ -17,7 +17,6 @@ import torch
 from erase.engine.method import Method, MethodConfig
 from erase.errors import EraseError
 from erase.fields import opt
-from erase.methods.esd import is_cross_attention
 from erase.registry import register_method
 
 
@@ -52,7 +51,8 @@ class ForgetMeNot(Method):
         self.store = ctx.task.record_attention(ctx.unwrapped)
 
     def parameter_masks(self, ctx):
-        return {n: torch.full_like(p, is_cross_attention(n), dtype=torch.bool) for n, p in ctx.model.named_parameters()}
+        text = ctx.task.layer_map(ctx.model).is_text_attention
+        return {n: torch.full_like(p, text(n), dtype=torch.bool) for n, p in ctx.model.named_parameters()}
 
     def losses(self, batch, ctx):
         b = batch["forget"]

@@ -71,7 +71,8 @@ class RECE(_ClosedForm):
 
     def apply(self, ctx):
         cfg = self.config
-        layers = kv_projections(ctx.unwrapped, cfg.edit)
+        model = ctx.unwrapped
+        layers = kv_projections(ctx.task.layer_map(model), model, cfg.edit)
         originals = [lin.weight.detach().clone() for _, lin in layers]
         self.uce(ctx, layers)
         pairs, preserve = self._plan(ctx.task)

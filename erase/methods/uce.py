@@ -1,7 +1,7 @@
 """uce — Unified Concept Editing (Gandikota et al., WACV 2024): a closed-form cross-attention edit.
 
-Every text cross-attention key and value projection (``attn2.to_k`` / ``attn2.to_v``: 32 matrices
-in SD 1.x) is rewritten independently in closed form (``erase.methods._closed_form``) so that the
+Every text cross-attention key and value projection (as the model's layer map names them: 32
+matrices in SD 1.x) is rewritten independently in closed form (``erase.methods._closed_form``) so that the
 erased concepts' token vectors produce what the guide's tokens produced, the preserved concepts'
 outputs stay put, and the weights stay near the original (λ). No optimiser step runs, and the run
 writes the same model, grid, card and metrics as any other method.
@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from erase.engine.layers import LayerMap
 from erase.engine.method import Method, MethodConfig
 from erase.errors import EraseError
 from erase.fields import opt
 from erase.methods._closed_form import TOKEN_MODES, aligned_rows, apply_map, preserve_rows, uce_map
-from erase.methods.esd import is_cross_attention
 from erase.registry import register_method
 
 
@@ -72,13 +72,18 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def kv_projections(unet: nn.Module, edit: str) -> list[tuple[str, nn.Linear]]:
-    """The text cross-attention projections to edit, in module order."""
-    ends = (".to_k", ".to_v") if edit == "kv" else (".to_v",)
-    found = [(n, m) for n, m in unet.named_modules()
-             if isinstance(m, nn.Linear) and is_cross_attention(n) and n.endswith(ends)]
+def kv_projections(lmap: LayerMap, model: nn.Module, edit: str) -> list[tuple[str, nn.Linear]]:
+    """The text cross-attention projections of ``model`` to edit (keys and values, or values), in module order,
+    as its layer map ``lmap`` (``DenoisingTask.layer_map``) names them.
+
+    The closed form solves one map for all of them, which holds only where every projection reads the text
+    encoder's output itself (the layer map's ``kv_read_text_embedding``)."""
+    if lmap.reads_text and not lmap.kv_read_text_embedding:
+        raise EraseError(f"the closed-form edit needs key/value projections that read the text encoder's output; in a "
+                         f"{lmap.family} denoiser they read a text stream that every block updates (not supported)")
+    found = lmap.text_projections(model, ("k", "v") if edit == "kv" else ("v",))
     if not found:
-        raise EraseError("the UNet has no text cross-attention (attn2.to_k/to_v) to edit")
+        raise EraseError("the model has no text cross-attention key/value projections to edit")
     return found
 
 
@@ -89,8 +94,8 @@ class _ClosedForm(Method):
     streams = ()
 
     def _no_cross_attention(self) -> EraseError:
-        return EraseError(f"{self.name} edits text cross-attention (attn2.to_k/to_v); a class-conditional DDPM has "
-                          "none: use esd-u, salun, rl or ga")
+        return EraseError(f"{self.name} edits the text cross-attention's key/value projections; a class-conditional "
+                          "DDPM has none: use esd-u, salun, rl or ga")
 
     def _adapters(self) -> EraseError:
         return EraseError(f"{self.name} rewrites the projection weights in closed form; use --save-format pipeline "
@@ -198,4 +203,5 @@ class UCE(_ClosedForm):
     Config = UCEConfig
 
     def apply(self, ctx):
-        self.uce(ctx, kv_projections(ctx.unwrapped, self.config.edit))
+        model = ctx.unwrapped
+        self.uce(ctx, kv_projections(ctx.task.layer_map(model), model, self.config.edit))
