@@ -36,6 +36,37 @@ def tiny_sd(folder: Path, v_prediction: bool = False, sd2: bool = False) -> Path
     return folder
 
 
+def tiny_sdxl(folder: Path) -> Path:
+    """An SDXL-shaped pipeline folder with random weights (after diffusers' SDXL get_dummy_components): a UNet with
+    the "text_time" added embedding, CLIPTextModel + CLIPTextModelWithProjection (cross-attention reads both, 32 + 32),
+    the bundled CLIP tokenizer for both tokenizers; 8x8 latents, 16 px images."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from erase.zoo.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids of 8 + the pooled text (projection_dim 32)
+        cross_attention_dim=32 + 32, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16)
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                            vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                            max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
+    sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config),
+                                     tokenizer=build_tokenizer(), tokenizer_2=build_tokenizer(), unet=unet, scheduler=sched)
+    pipe.save_pretrained(folder)
+    return folder
+
+
 def tiny_ddpm(folder: Path, channels: int = 3, size: int = 32, classes: int = 10) -> Path:
     """A CIFAR-shaped class-conditional DDPM folder (unet/ + scheduler/) with a null class."""
     from diffusers import DDIMScheduler, UNet2DModel

@@ -1,7 +1,7 @@
 """Write an erased model: a full diffusers folder, or only the tensors that changed.
 
-``pipeline`` writes ``model/`` — ``StableDiffusionPipeline.from_pretrained("…/model")`` loads it
-as usual (for a DDPM: ``model/unet`` + ``model/scheduler``); a model whose text encoder was trained
+``pipeline`` writes ``model/`` — ``StableDiffusionPipeline.from_pretrained("…/model")`` (SDXL:
+``StableDiffusionXLPipeline``) loads it as usual (for a DDPM: ``model/unet`` + ``model/scheduler``); a model whose text encoder was trained
 (:class:`~erase.diffusion.text_model.TextConditionedUNet`) writes that encoder as ``model/text_encoder``.
 ``delta`` writes ``delta.safetensors`` with the changed tensors only: UNet keys as the UNet names them
 (format ``erase-unet-delta``), or — when a text encoder was trained — ``unet.*`` and ``text_encoder.*``
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from erase.diffusion.loading import pipeline_class
 from erase.diffusion.text_model import TextConditionedUNet
 from erase.errors import EraseError
 from erase.storage import atomic_dir, load_safetensors, save_safetensors
@@ -30,26 +31,26 @@ def save_pipeline(task, model, out: Path) -> Path:
             task.scheduler.save_pretrained(tmp / "scheduler")
         else:
             pipe = task.base.pipe
-            original = pipe.unet, pipe.text_encoder
+            original = pipe.unet, pipe.text_encoder, pipe.scheduler
             if isinstance(model, TextConditionedUNet):
                 pipe.unet, pipe.text_encoder = model.unet, model.text_encoder
             else:
                 pipe.unet = model
+            pipe.scheduler = task.base.shipped_scheduler or pipe.scheduler  # the base folder's own (SDXL: Euler)
             try:
                 pipe.save_pretrained(tmp, safe_serialization=True)
             finally:
-                pipe.unet, pipe.text_encoder = original
+                pipe.unet, pipe.text_encoder, pipe.scheduler = original
     return out / "model"
 
 
 def save_lora(task, unet, out: Path) -> Path:
     """The trained adapters as a diffusers LoRA folder: ``pipe.load_lora_weights("…/lora")``."""
-    # lazy: diffusers takes seconds to import
-    from diffusers import StableDiffusionPipeline
+    # lazy: peft pulls in transformers
     from peft.utils import get_peft_model_state_dict
 
     with atomic_dir(out / "lora") as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(unet),
+        pipeline_class(task.kind).save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(unet),
                                                   safe_serialization=True)
     return out / "lora"
 

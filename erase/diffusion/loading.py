@@ -1,10 +1,11 @@
 """Load the diffusion model to erase from: a bundled name, a local folder, a single file or a hub id.
 
-Supported: Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``; epsilon or v-prediction) and
+Supported: Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``; epsilon or v-prediction), SDXL
+(``StableDiffusionXLPipeline``: two text encoders, a pooled embedding and size/crop time ids) and
 class-conditional pixel-space DDPMs (a ``UNet2DModel`` with class embeddings plus a scheduler, in
 ``unet/`` + ``scheduler/`` folders). Anything else gets an error naming what is supported. The
-network is touched only when the user names a hub id; the safety checker is always off (erasure
-work must see what the model really generates).
+network is touched only when the user names a hub id; the safety checker and SDXL's invisible
+watermark are always off (erasure work must see what the model really generates).
 """
 
 from __future__ import annotations
@@ -20,23 +21,30 @@ from safetensors import SafetensorError, safe_open
 from erase.errors import EraseError
 from erase.storage import ZOO_DIR, list_bundled_models
 
-SUPPORTED = "Stable Diffusion 1.x/2.x (StableDiffusionPipeline) and class-conditional DDPMs (UNet2DModel with class embeddings)"
+SUPPORTED = ("Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline) and "
+             "class-conditional DDPMs (UNet2DModel with class embeddings)")
 UNSUPPORTED_HINTS = {
-    "StableDiffusionXLPipeline": "SDXL", "StableDiffusion3Pipeline": "SD3", "FluxPipeline": "FLUX",
+    "StableDiffusion3Pipeline": "SD3", "FluxPipeline": "FLUX", "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner",
     "PixArtAlphaPipeline": "PixArt", "KandinskyPipeline": "Kandinsky", "DDPMPipeline": "an unconditional DDPM",
 }
+
+
+# The model_index.json class of each kind erase loads: "sd" (1.x/2.x), "sdxl", a class-conditional "ddpm".
+KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "ClassConditionalDDPM": "ddpm"}
+TEXT_KINDS = ("sd", "sdxl")  # the kinds that read a prompt through text cross-attention
 
 
 @dataclass
 class DiffusionBase:
     """What the task needs: the trainable denoiser plus frozen parts (text encoder, VAE, scheduler)."""
 
-    kind: str                 # "sd" or "ddpm"
+    kind: str                 # "sd", "sdxl" or "ddpm"
     unet: torch.nn.Module
     scheduler: Any
     source: str               # where it came from, for model cards
-    pipe: Any = None          # StableDiffusionPipeline for "sd"
+    pipe: Any = None          # StableDiffusionPipeline ("sd") or StableDiffusionXLPipeline ("sdxl")
     folder: Path | None = None
+    shipped_scheduler: Any = None  # the folder's own scheduler where erase samples with another (SDXL), for exports
 
     @property
     def fingerprint(self) -> str:
@@ -97,7 +105,7 @@ def _load_error(where, err: Exception) -> EraseError:
 
 
 def model_kind(spec: str) -> str | None:
-    """"sd" or "ddpm" for a local or bundled model folder, from its JSON files alone (no weights read).
+    """"sd", "sdxl" or "ddpm" for a local or bundled model folder, from its JSON files alone (no weights read).
 
     None when that cannot be told without loading (a single file, a hub id, an unsupported folder),
     so config-time checks can refuse a method early and leave the rest to ``load_base``.
@@ -105,7 +113,7 @@ def model_kind(spec: str) -> str | None:
     folder = local_folder(spec)
     if folder is None:
         return None
-    return {"StableDiffusionPipeline": "sd", "ClassConditionalDDPM": "ddpm"}.get(_class_name(folder) or "")
+    return KINDS.get(_class_name(folder) or "")
 
 
 def local_folder(spec: str) -> Path | None:
@@ -124,33 +132,72 @@ def ddpm_num_classes(folder: Path) -> int:
 
 
 def _check_supported(name: str | None, where: str) -> None:
-    if name in ("StableDiffusionPipeline", "ClassConditionalDDPM"):
+    if name in KINDS:
         return
     what = UNSUPPORTED_HINTS.get(name or "", name or "an unrecognised folder")
     raise EraseError(f"{where} holds {what}, which erase does not support; supported: {SUPPORTED}")
 
 
-def _load_sd_folder(folder: Path | str, local_only: bool, device) -> DiffusionBase:
+def pipeline_class(kind: str):
+    """The plain diffusers pipeline class of a text-to-image kind (what an erased ``model/`` reloads with)."""
     # lazy: diffusers takes seconds to import
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    return StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+
+
+def _pipe_kwargs(kind: str) -> dict:
+    # SD ships a safety checker, SDXL an invisible watermark: both change what the model generates.
+    return {"add_watermarker": False} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+
+
+def _load_sd_folder(folder: Path | str, local_only: bool, device, kind: str = "sd") -> DiffusionBase:
     if local_only:
         check_weight_files(Path(folder))
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder, safety_checker=None, requires_safety_checker=False, local_files_only=local_only)
+        pipe = pipeline_class(kind).from_pretrained(folder, local_files_only=local_only, **_pipe_kwargs(kind))
     except (OSError, ValueError) as err:  # a bad config.json, a missing part, an unreadable .bin
         raise _load_error(folder, err) from err
-    return _wrap_pipe(pipe, str(folder), device, Path(folder) if local_only else None)
+    return _wrap_pipe(pipe, str(folder), device, Path(folder) if local_only else None, kind)
 
 
-def _wrap_pipe(pipe, source: str, device, folder) -> DiffusionBase:
-    pipe.safety_checker = None
+def _wrap_pipe(pipe, source: str, device, folder, kind: str = "sd") -> DiffusionBase:
+    shipped = None
+    if kind == "sd":
+        pipe.safety_checker = None
+    else:
+        # SDXL ships EulerDiscreteScheduler, whose latents are x0 + sigma * noise and whose add_noise only takes
+        # timesteps of its current inference schedule. The methods noise training latents at any timestep and
+        # read ESD's partial samples as DDPM-space x_t, so erase samples SDXL with DDIM on the same betas and
+        # timestep spacing (SD's own PNDM/DDIM already work in that space); exports keep the shipped scheduler.
+        # lazy: diffusers takes seconds to import
+        from diffusers import DDIMScheduler
+
+        shipped = pipe.scheduler
+        pipe.scheduler = DDIMScheduler.from_config(shipped.config, clip_sample=False, set_alpha_to_one=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    for part in (pipe.text_encoder, pipe.vae):
-        part.requires_grad_(False).eval()
-    return DiffusionBase("sd", pipe.unet, pipe.scheduler, source, pipe, folder)
+    for part in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae):
+        if part is not None:
+            part.requires_grad_(False).eval()
+    return DiffusionBase(kind, pipe.unet, pipe.scheduler, source, pipe, folder, shipped)
+
+
+def single_file_kind(path: Path) -> str:
+    """"sdxl" or "sd" for a single checkpoint file, from its tensor names (a safetensors header; no tensor is read).
+
+    SDXL's original checkpoints hold the second text encoder under ``conditioner.embedders.1``; SD3 and FLUX
+    files (``joint_blocks`` / ``double_blocks``) are refused. A ``.ckpt`` (pickle) cannot be read without
+    loading it: it is taken for SD 1.x/2.x, as before."""
+    if path.suffix != ".safetensors":
+        return "sd"
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
+        raise EraseError(f"{path} holds SD3, which erase does not support; supported: {SUPPORTED}")
+    if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
+        raise EraseError(f"{path} holds FLUX, which erase does not support; supported: {SUPPORTED}")
+    return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd"
 
 
 def load_scheduler(folder: Path):
@@ -202,23 +249,24 @@ def load_base(spec: str, device: str | torch.device = "cpu", original_config: st
         folder = p if p.is_dir() else bundled
         name = _class_name(folder)
         _check_supported(name, str(folder))
-        return _load_ddpm_folder(folder, device) if name == "ClassConditionalDDPM" else _load_sd_folder(folder, True, device)
+        if name == "ClassConditionalDDPM":
+            return _load_ddpm_folder(folder, device)
+        return _load_sd_folder(folder, True, device, KINDS[name])
     if p.suffix in (".safetensors", ".ckpt"):
         if not p.is_file():
             raise EraseError(f"checkpoint file not found: {p}")
-        # lazy: diffusers takes seconds to import
-        from diffusers import StableDiffusionPipeline
-
         if p.suffix == ".safetensors":
             check_weight_files(p)
+        kind = single_file_kind(p)
         kwargs = {"original_config": original_config} if original_config else {}
         try:
-            pipe = StableDiffusionPipeline.from_single_file(str(p), safety_checker=None, requires_safety_checker=False,
-                                                            **kwargs)
+            pipe = pipeline_class(kind).from_single_file(str(p), **_pipe_kwargs(kind), **kwargs)
         except (OSError, ValueError) as err:
-            raise EraseError(f"could not load {p} as a Stable Diffusion 1.x/2.x checkpoint ({str(err).splitlines()[0]}); "
-                             "offline, pass --original-config with the model's v1-inference.yaml") from err
-        return _wrap_pipe(pipe, str(p), device, None)
+            what = "an SDXL" if kind == "sdxl" else "a Stable Diffusion 1.x/2.x"
+            yaml = "sd_xl_base.yaml" if kind == "sdxl" else "v1-inference.yaml"
+            raise EraseError(f"could not load {p} as {what} checkpoint ({str(err).splitlines()[0]}); "
+                             f"offline, pass --original-config with the model's {yaml}") from err
+        return _wrap_pipe(pipe, str(p), device, None, kind)
     if p.exists():
         raise EraseError(f"{p} is neither a model folder nor a .safetensors/.ckpt file")
     if "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
@@ -230,7 +278,7 @@ def load_base(spec: str, device: str | torch.device = "cpu", original_config: st
         except Exception as err:  # network or hub errors come in many types
             raise EraseError(f"could not fetch {spec!r} from the model hub: {str(err).splitlines()[0]}") from err
         _check_supported(name, f"hub model {spec!r}")
-        return _load_sd_folder(spec, False, device)
+        return _load_sd_folder(spec, False, device, KINDS[name])
 
     raise EraseError(f"model {spec!r} not found: not a folder, a .safetensors/.ckpt file, a hub id (org/name) or a "
                      f"bundled model ({', '.join(list_bundled_models()) or 'none installed'})")

@@ -47,6 +47,9 @@ def _fid_fmnist(task, judge):
     return fit_reference(fid_metric(judge).to(task.device), test.get_batch(range(len(test)))["image"], task.device)
 
 
+FAMILY = {"sd": "Stable Diffusion", "sdxl": "SDXL", "ddpm": "class-conditional DDPM"}
+
+
 class RunOutputs:
     def __init__(self, task, model):
         """Generate the base model's evaluation images (and judge them) before any weight changes."""
@@ -54,7 +57,7 @@ class RunOutputs:
         self.trains_text_encoder = own_text_encoder(model) is not None  # the card says where that encoder went
         self.groups = eval_groups(task)
         key = {"base-images": task.base.fingerprint, "guidance": task.guidance, "steps": task.cfg.sample_steps,
-               "groups": [[g.name, str(g.cond), g.seeds] for g in self.groups]}
+               "groups": [[g.name, str(g.cond), g.seeds] for g in self.groups], **task.cache_tag()}
         flat = cached_tensor(key, lambda: torch.cat(generate_groups(task, model, self.groups)))
         self.before_images = list(flat.split([len(g.seeds) for g in self.groups]))
         self.after_images: list[torch.Tensor] = []
@@ -106,7 +109,7 @@ class RunOutputs:
         for c in task.concepts.concepts:
             picks += [i for i, g in enumerate(self.groups) if g.name == "paraphrase" and g.target == c][:1]
         picks += [i for i, g in enumerate(self.groups) if g.name == "retain"][:4]
-        rows = [(str(self.groups[i].cond) if self.kind == "sd" else f"class {self.groups[i].target}",
+        rows = [(str(self.groups[i].cond) if self.kind != "ddpm" else f"class {self.groups[i].target}",
                  self.before_images[i][:k], self.after_images[i][:k]) for i in picks]
         with atomic_path(out / "grid.png") as tmp:
             before_after_grid(rows).save(tmp, format="PNG")
@@ -119,20 +122,21 @@ class RunOutputs:
             note = {"pipeline": " (with the trained text encoder in `model/text_encoder/`)",
                     "delta": " (the changed UNet and text-encoder tensors: apply it to the whole pipeline)"}.get(
                         self.cfg.save_format, "")
+        pipe_cls = "StableDiffusionXLPipeline" if self.kind == "sdxl" else "StableDiffusionPipeline"
         load = {
-            "pipeline": ("```python\nfrom diffusers import StableDiffusionPipeline\n"
-                         "pipe = StableDiffusionPipeline.from_pretrained(\"model\")\n```") if self.kind == "sd" else
+            "pipeline": (f"```python\nfrom diffusers import {pipe_cls}\n"
+                         f"pipe = {pipe_cls}.from_pretrained(\"model\")\n```") if self.kind != "ddpm" else
                         ("```python\nfrom diffusers import DDPMScheduler, UNet2DModel\nunet = UNet2DModel.from_pretrained("
                          "\"model/unet\")\nscheduler = DDPMScheduler.from_pretrained(\"model/scheduler\")  # the class "
                          "in scheduler_config.json\n```"),
-            "lora": ("```python\npipe = StableDiffusionPipeline.from_pretrained(BASE)  # the base model above\n"
+            "lora": (f"```python\npipe = {pipe_cls}.from_pretrained(BASE)  # the base model above\n"
                      "pipe.load_lora_weights(\"lora\")\n```"),
             "delta": ("```python\nfrom erase.diffusion.export import load_delta\n"
                       "load_delta(base_pipeline, \"delta.safetensors\")  # the base model above\n```"),
         }[self.cfg.save_format]
         card = "\n".join([
             f"# {task.concepts.concept!r} erased from {task.base.source} with {info['method']}", "",
-            f"- base model: `{task.base.source}` ({'Stable Diffusion' if self.kind == 'sd' else 'class-conditional DDPM'}, "
+            f"- base model: `{task.base.source}` ({FAMILY[self.kind]}, "
             f"{task.base.prediction_type} prediction)",
             f"- method: `{info['method']}`, {info['steps']} steps, {info['total_s']:.0f} s on {info['machine']}",
             f"- evaluator: {metrics['settings']['evaluator'] or 'none'}; guidance {task.guidance}, "

@@ -13,6 +13,8 @@ import inspect
 
 import torch
 
+from erase.diffusion.conditioning import PooledText
+
 
 def _generators(seeds) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -20,8 +22,14 @@ def _generators(seeds) -> list[torch.Generator]:
 
 @torch.no_grad()
 def sample_sd(pipe, unet, prompt_embeds, negative_embeds, seeds, guidance: float, steps: int,
-              stop_after: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """UNet-space latents for ``prompt_embeds`` (N, L, D); (latents, timestep) when stopped early."""
+              stop_after: int | None = None, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """UNet-space latents for ``prompt_embeds`` (N, L, D), or SDXL's :class:`PooledText`, at ``size`` pixels
+    square (None: the pipeline's default); (latents, timestep) when stopped early."""
+    size = size or unet.config.sample_size * pipe.vae_scale_factor
+    conds = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}
+    if isinstance(prompt_embeds, PooledText):  # SDXL: the pooled parts go beside; the pipeline adds the time ids
+        conds = {"prompt_embeds": prompt_embeds.embeds, "negative_prompt_embeds": negative_embeds.embeds,
+                 "pooled_prompt_embeds": prompt_embeds.pooled, "negative_pooled_prompt_embeds": negative_embeds.pooled}
     original = pipe.unet
     pipe.unet = unet
     state: dict = {}
@@ -34,11 +42,12 @@ def sample_sd(pipe, unet, prompt_embeds, negative_embeds, seeds, guidance: float
 
     try:
         if stop_after == 0:  # nothing to denoise: x_T is the initial noise
-            shape = (len(seeds), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+            side = size // pipe.vae_scale_factor
+            shape = (len(seeds), unet.config.in_channels, side, side)
             noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in _generators(seeds)])
             pipe.scheduler.set_timesteps(steps)
             return noise.to(unet.device, unet.dtype) * pipe.scheduler.init_noise_sigma, pipe.scheduler.timesteps[0]
-        out = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, guidance_scale=guidance,
+        out = pipe(**conds, guidance_scale=guidance, height=size, width=size,
                    num_inference_steps=steps, generator=_generators(seeds), output_type="latent",
                    callback_on_step_end=stop if stop_after is not None else None)
     finally:

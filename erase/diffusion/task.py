@@ -25,9 +25,10 @@ from erase import captions
 from erase.classifier.data import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
 from erase.diffusion.attention import AttentionStore, token_positions
 from erase.diffusion.concepts import ConceptSet, make_concepts, read_concept_file, split_concepts
+from erase.diffusion.conditioning import Condition, PooledText, cat_conditions, time_ids, token_embeddings
 from erase.diffusion.data import LatentSet, PairedSet, cached, generate, read_images
 from erase.diffusion.layers import layer_map
-from erase.diffusion.loading import DiffusionBase, ddpm_num_classes, load_base, local_folder, model_kind
+from erase.diffusion.loading import TEXT_KINDS, DiffusionBase, ddpm_num_classes, load_base, local_folder, model_kind
 from erase.diffusion.outputs import RunOutputs, save_erased
 from erase.diffusion.sampling import decode_sd, encode_sd, sample_ddpm, sample_sd
 from erase.diffusion.text_encoding import encode_ids, token_ids
@@ -75,6 +76,9 @@ class DiffusionConfig(TaskConfig):
                             "attention projections from its layer map, to_q,to_k,to_v,to_out.0 on SD)")
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet (SD scale)")
     batch_size_gen: int = opt(32, "images per batch when generating")
+    resolution: int = opt(0, "image side in pixels for data generation, training latents and evaluation (0: the "
+                          "model's own, unet sample_size x VAE factor: 512 SD 1.x, 768 SD 2.x, 1024 SDXL); a multiple "
+                          "of 8, and of the UNet's overall down-sampling factor once the model is loaded")
 
     def label(self) -> str:
         return self.concept or Path(self.concept_file).stem or "run"
@@ -92,6 +96,8 @@ class DiffusionConfig(TaskConfig):
             if value < floor:
                 raise EraseError(f"--{name.replace('_', '-')} must be >= {floor}, got {value}"
                                  + (" (or pass --forget-images)" if name == "n_forget" else ""))
+        if self.resolution < 0 or self.resolution % 8:
+            raise EraseError(f"--resolution must be 0 (the model's own) or a positive multiple of 8, got {self.resolution}")
         if not math.isfinite(self.guidance) or (self.guidance < 0 and self.guidance != -1):
             raise EraseError(f"--guidance must be a finite number >= 0 (or -1 for the model's default), got {self.guidance}")
         for name in ("forget_images", "retain_images"):
@@ -105,7 +111,7 @@ class DiffusionConfig(TaskConfig):
 
     def model_has_cross_attention(self) -> bool | None:
         kind = model_kind(self.model)
-        return None if kind is None else kind == "sd"
+        return None if kind is None else kind in TEXT_KINDS
 
     def trains_adapters(self) -> bool:
         return self.lora_rank > 0 or self.save_format == "lora"
@@ -140,7 +146,8 @@ class DiffusionTask(DenoisingTask):
         self.kind = self.base.kind
         if self.lora and not cfg.lora_targets.strip():  # resolved here, so the run's saved config names them
             cfg.lora_targets = ",".join(layer_map(self.base.unet).lora_targets)
-        self.has_cross_attention = self.kind == "sd"
+        self.has_cross_attention = self.kind in TEXT_KINDS
+        self.resolution = self._resolution()
         self.outputs: RunOutputs | None = None
         self._base_state: dict | None = None
         self.concepts: ConceptSet = make_concepts(cfg.concept_list(), cfg.retain_concepts, cfg.paraphrases, self.fmnist,
@@ -159,6 +166,29 @@ class DiffusionTask(DenoisingTask):
                              "them (drop --forget-images)")
         self._build_data(streams)
 
+    def _resolution(self) -> int:
+        """--resolution checked against the loaded model, or the model's own image side."""
+        unet, asked = self.base.unet, self.cfg.resolution
+        if self.kind == "ddpm":
+            if asked and asked != unet.config.sample_size:
+                raise EraseError(f"--resolution {asked}: a pixel-space DDPM generates at its own size "
+                                 f"({unet.config.sample_size}); leave --resolution at 0")
+            return unet.config.sample_size
+        factor = self.base.pipe.vae_scale_factor
+        if not asked:
+            return unet.config.sample_size * factor
+        # The UNet halves the latent once per down block but the last: sides must divide evenly all the way.
+        step = factor * 2 ** (len(unet.config.down_block_types) - 1)
+        if asked % step:
+            raise EraseError(f"--resolution must be a multiple of {step} for this model (VAE factor {factor} times "
+                             f"the UNet's down-sampling), got {asked}")
+        return asked
+
+    def cache_tag(self) -> dict:
+        """What a cache key of generated images adds for --resolution (nothing at the model's own size, so
+        caches made before the flag existed stay valid)."""
+        return {"resolution": self.resolution} if self.cfg.resolution else {}
+
     # -- conditions --------------------------------------------------------------------------------
     def _setup_prompts(self) -> None:
         cs = self.concepts
@@ -167,11 +197,33 @@ class DiffusionTask(DenoisingTask):
         self.retain_prompts = [(r, cs.prompt(r, t)) for r in cs.retain for t in cs.templates]
         self.prompts = self.forget_prompts + [p for _, p in self.retain_prompts] + [""]
         self.null_prompt = len(self.prompts) - 1
-        self.embeds = self.encode(self.prompts)
+        self.embeds = self._prompt_table(self.prompts)
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
+    def encode(self, prompts: list[str]) -> Condition:
+        """The conditions of ``prompts`` as the denoiser reads them: (N, L, D) for SD 1.x/2.x, a
+        :class:`~erase.diffusion.conditioning.PooledText` for SDXL (both encoders' token embeddings, pooled)."""
+        if self.kind == "sdxl":
+            embeds, _, pooled, _ = self.base.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
+                                                                do_classifier_free_guidance=False)
+            return PooledText(embeds.detach(), pooled.detach())
         embeds, _ = self.base.pipe.encode_prompt(prompts, self.device, 1, do_classifier_free_guidance=False)
         return embeds.detach()
+
+    def cross_attention_text(self, prompts: list[str]) -> torch.Tensor:
+        """(N, L, D): the token embeddings that the text cross-attention's keys and values read for ``prompts``
+        (SD: the encoder's output; SDXL: both encoders' penultimate states, concatenated), for closed-form edits."""
+        return token_embeddings(self.encode(prompts))
+
+    def _prompt_table(self, prompts: list[str]) -> Condition:
+        """:meth:`encode` of the task's prompts, with the empty prompt as the pipeline guides against it: SDXL
+        (``force_zeros_for_empty_prompt``, set for SDXL base) uses zeros for the unconditional side, not the
+        encoded empty text (``encode_prompt``'s ``zero_out_negative_prompt``); so do the null condition,
+        ESD's unconditional teacher and the task's own sampling."""
+        table = self.encode(prompts)
+        if self.kind == "sdxl" and self.base.pipe.config.get("force_zeros_for_empty_prompt", False):
+            empty = torch.tensor([p == "" for p in prompts], device=table.device)
+            table = PooledText(table.embeds.masked_fill(empty[:, None, None], 0), table.pooled.masked_fill(empty[:, None], 0))
+        return table
 
     def encode_for(self, model, prompts: list[str]) -> torch.Tensor:
         """Conditions of ``prompts`` as ``model`` reads them: through its own text encoder when it carries one
@@ -181,18 +233,33 @@ class DiffusionTask(DenoisingTask):
     # -- text, for attacks and text-encoder methods (erase.attacks.base.TextTask) -------------------------
     @property
     def tokenizer(self):
-        self._need_text()
+        self._need_one_encoder()
         return self.base.pipe.tokenizer
 
     @property
     def text_encoder(self):
-        self._need_text()
+        self._need_one_encoder()
         return self.base.pipe.text_encoder
 
     def _need_text(self) -> None:
-        if self.kind != "sd":
+        if self.kind == "ddpm":
             raise EraseError("this needs a text-conditioned model (Stable Diffusion); --model is a class-conditional "
                              "DDPM, which has no prompt")
+
+    @property
+    def one_text_encoder(self) -> bool:
+        """Whether the condition is one text encoder's output (SD 1.x/2.x): what token-level work (attacks,
+        text-encoder training) needs. SDXL reads two encoders plus a pooled embedding; a DDPM reads no text."""
+        return self.kind == "sd"
+
+    ONE_ENCODER_ERROR = ("this works on one text encoder's tokens (attacks, text-encoder training such as advunlearn); "
+                         "SDXL conditions on two encoders plus a pooled embedding, which erase does not support for "
+                         "it yet: use a UNet method (esd-x, esd-u, uce, rece, ca, fmn, salun, rl, ga, ft)")
+
+    def _need_one_encoder(self) -> None:
+        self._need_text()
+        if not self.one_text_encoder:
+            raise EraseError(self.ONE_ENCODER_ERROR)
 
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
         """(N, L) token ids of ``prompts``, padded as :meth:`encode` pads them."""
@@ -203,7 +270,7 @@ class DiffusionTask(DenoisingTask):
         embeddings replaced and through another ``encoder`` (a trained copy); keeps gradients."""
         return encode_ids(encoder or self.text_encoder, self.tokenizer, ids, token_embeds)
 
-    def generate(self, model, cond: torch.Tensor, seeds: list[int], guidance: float | None = None) -> torch.Tensor:
+    def generate(self, model, cond: Condition, seeds: list[int], guidance: float | None = None) -> torch.Tensor:
         """Images in [0, 1] on the CPU, one per seed, from one condition (1, L, D) or one per seed (N, L, D),
         with the task's sampler, steps and (default) guidance."""
         self._need_text()
@@ -219,14 +286,14 @@ class DiffusionTask(DenoisingTask):
         model.eval()
         try:
             x, _ = sample_sd(self.base.pipe, denoiser(model), cond, null, seeds,
-                             self.guidance if guidance is None else guidance, self.cfg.sample_steps)
+                             self.guidance if guidance is None else guidance, self.cfg.sample_steps, size=self.resolution)
         finally:
             model.train(was)
         return self.to_images(x).cpu()
 
     def to_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> what the denoiser reads (SD latents, the VAE posterior mean, scaled)."""
-        return encode_sd(self.base.pipe, images) if self.kind == "sd" else images.to(self.device) * 2 - 1
+        return images.to(self.device) * 2 - 1 if self.kind == "ddpm" else encode_sd(self.base.pipe, images)
 
     def _check_concepts_before_loading(self) -> None:
         """An unknown or empty concept fails before the weights load and before any image is generated.
@@ -266,8 +333,8 @@ class DiffusionTask(DenoisingTask):
             nxt[c] = k
         self._next_kept_class = nxt
 
-    def condition(self, batch_prompt: torch.Tensor) -> torch.Tensor:
-        """Prompt indices -> text embeddings (SD); class labels pass through (DDPM)."""
+    def condition(self, batch_prompt: torch.Tensor) -> Condition:
+        """Prompt indices -> text conditions (SD: embeddings; SDXL: PooledText); class labels pass through (DDPM)."""
         if self.kind == "ddpm":
             return batch_prompt
         return self.embeds.to(batch_prompt.device)[batch_prompt]
@@ -281,9 +348,14 @@ class DiffusionTask(DenoisingTask):
         idx = self.concept_classes[concept] if self.kind == "ddpm" else self.forget_concept.index(concept)
         return self.condition(torch.full((n,), idx, dtype=torch.long, device=device))
 
-    def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         if self.kind == "ddpm":
             return model(x_t, t, class_labels=cond).sample
+        if self.kind == "sdxl":
+            # The pooled text and the size/crop time ids enter through the UNet's added embedding ("text_time").
+            added = {"text_embeds": cond.pooled.to(x_t.dtype),
+                     "time_ids": time_ids(self.resolution, x_t.shape[0], x_t.device, x_t.dtype)}
+            return model(x_t, t, encoder_hidden_states=cond.embeds.to(x_t.dtype), added_cond_kwargs=added).sample
         return model(x_t, t, encoder_hidden_states=cond.to(x_t.dtype)).sample
 
     # -- data --------------------------------------------------------------------------------------
@@ -305,7 +377,8 @@ class DiffusionTask(DenoisingTask):
             r_cond = [len(self.forget_prompts) + order[i % len(order)] for i in range(cfg.n_retain)]
             f_lab = [cs.class_index.get(cs.concepts[self.forget_concept[c]], -1) for c in f_cond]
             r_lab = [cs.class_index.get(self.retain_prompts[c - len(self.forget_prompts)][0], -1) for c in r_cond]
-        key = {"model": self.base.fingerprint, "kind": self.kind, "guidance": self.guidance, "steps": cfg.sample_steps}
+        key = {"model": self.base.fingerprint, "kind": self.kind, "guidance": self.guidance, "steps": cfg.sample_steps,
+               **self.cache_tag()}
         self.views = {}
         if "forget" in streams:
             if cfg.n_forget < 1 and not cfg.forget_images:
@@ -387,7 +460,7 @@ class DiffusionTask(DenoisingTask):
         seeds = [1_000_000 * (self.cfg.data_seed + 1) + 750_000 + i for i in range(n)]
         labels = [self.concepts.class_index.get(anchors[k], -1) for k in k_of]
         key = {"model": self.base.fingerprint, "kind": self.kind, "guidance": self.guidance,
-               "steps": self.cfg.sample_steps, "conds": key_conds, "seeds": seeds}
+               "steps": self.cfg.sample_steps, "conds": key_conds, "seeds": seeds, **self.cache_tag()}
         images = cached(key, lambda: generate(self._sampler(self.base.unet), conds, seeds, labels,
                                               self.cfg.batch_size_gen, "anchor data"))
         # The view's "prompt" is what the model is trained under; "target_prompt" what it should predict like.
@@ -398,7 +471,7 @@ class DiffusionTask(DenoisingTask):
         new = [p for p in dict.fromkeys(prompts) if p not in self.prompts]
         if new:
             self.prompts.extend(new)
-            self.embeds = torch.cat([self.embeds, self.encode(new)])
+            self.embeds = cat_conditions([self.embeds, self._prompt_table(new)])
         return [self.prompts.index(p) for p in prompts]
 
     def _cond_key(self, conds: list[int]) -> list:
@@ -410,7 +483,7 @@ class DiffusionTask(DenoisingTask):
                                                     self.cfg.sample_steps, self.null_class)[0]
         return lambda conds, seeds: sample_sd(self.base.pipe, unet, self.embeds[torch.tensor(conds)],
                                               self.null_condition(len(conds), self.device), seeds, self.guidance,
-                                              self.cfg.sample_steps)[0]
+                                              self.cfg.sample_steps, size=self.resolution)[0]
 
     def _to_unet_space(self, images: torch.Tensor) -> torch.Tensor:
         if self.kind == "ddpm":
@@ -421,7 +494,7 @@ class DiffusionTask(DenoisingTask):
         unet = self.base.unet
         if self.kind == "ddpm":
             return unet.config.sample_size, unet.config.in_channels
-        return unet.config.sample_size * self.base.pipe.vae_scale_factor, 3
+        return self.resolution, 3
 
     def _from_folder(self, folder, cond: int, label: int) -> LatentSet:
         size, channels = self._image_geometry()
@@ -447,10 +520,10 @@ class DiffusionTask(DenoisingTask):
                 self.null_prompt = len(self.prompts) - 1
                 cond = len(self.prompts) - 2
             sets.append(self._from_folder(d, cond, self.concepts.class_index.get(name, -1)))
-            if self.kind == "sd":
+            if self.kind != "ddpm":
                 sets[-1].prompt.fill_(cond)
-        if self.kind == "sd":
-            self.embeds = self.encode(self.prompts)
+        if self.kind != "ddpm":
+            self.embeds = self._prompt_table(self.prompts)
         return LatentSet(torch.cat([s.latents for s in sets]), torch.cat([s.prompt for s in sets]),
                          torch.cat([s.label for s in sets]))
 
@@ -474,7 +547,7 @@ class DiffusionTask(DenoisingTask):
         if self.cfg.gradient_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
             unet.enable_gradient_checkpointing()
         if self.lora:
-            if self.kind != "sd":
+            if self.kind == "ddpm":
                 raise EraseError("LoRA training is offered for Stable Diffusion UNets; DDPMs train their full weights")
             # lazy: peft pulls in transformers
             from peft import LoraConfig
@@ -486,7 +559,7 @@ class DiffusionTask(DenoisingTask):
         return unet
 
     def _text_and_unet(self) -> TextConditionedUNet:
-        self._need_text()
+        self._need_one_encoder()
         if self.lora:
             raise EraseError("training the text encoder is offered for its full weights only: LoRA (--save-format lora, "
                              "--lora-rank) is not; use --save-format pipeline or delta")
@@ -552,13 +625,13 @@ class DiffusionTask(DenoisingTask):
         return self.partial_sample_under(unet, self.concept_condition(n, self.device, concept), stop_after, steps,
                                          guidance, seeds)
 
-    def partial_sample_under(self, unet, cond: torch.Tensor, stop_after: int, steps: int, guidance: float,
+    def partial_sample_under(self, unet, cond: Condition, stop_after: int, steps: int, guidance: float,
                              seeds: list[int]):
         """x_t after ``stop_after`` of ``steps`` guided denoising steps under the conditions ``cond`` (N, L, D),
         one per seed (e.g. retain prompts'), and t. The unconditional side is the task's empty prompt."""
         self._need_text()
         return sample_sd(self.base.pipe, denoiser(unet), cond.to(self.device), self.null_condition(len(seeds), self.device),
-                         seeds, guidance, steps, stop_after=stop_after)
+                         seeds, guidance, steps, stop_after=stop_after, size=self.resolution)
 
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         """UNet-space samples -> images in [0, 1]."""

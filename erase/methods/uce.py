@@ -157,12 +157,15 @@ class _ClosedForm(Method):
     @staticmethod
     @torch.no_grad()
     def _encode(task, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """prompt -> ((77, d) float32 text embedding, (77,) attention mask), each distinct prompt encoded once."""
+        """prompt -> ((77, d) float32 text embedding, (77,) attention mask), each distinct prompt encoded once.
+
+        The embedding is what the K/V projections read (``task.cross_attention_text``): on SDXL both text
+        encoders' concatenated penultimate states; both tokenizers give the same tokens, so one mask serves."""
         unique = list(dict.fromkeys(prompts))
         tok = task.base.pipe.tokenizer
         masks = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
                     return_tensors="pt").attention_mask
-        embeds = torch.cat([task.encode(unique[i:i + 64]) for i in range(0, len(unique), 64)]).float()
+        embeds = torch.cat([task.cross_attention_text(unique[i:i + 64]) for i in range(0, len(unique), 64)]).float()
         return {p: (embeds[i], masks[i].to(embeds.device)) for i, p in enumerate(unique)}
 
     def uce_rows(self, task) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

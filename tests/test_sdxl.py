@@ -1,0 +1,180 @@
+"""SDXL end to end on a tiny random StableDiffusionXLPipeline: loading, conditioning, the methods, export, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import erase
+from erase.cli import run_cli
+from erase.engine import LoopSettings, run_method
+from erase.train import main as train_main
+from tests.test_diffusion import FAST, _ctx
+from tests.tiny_diffusion import tiny_sdxl
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl-models")
+    os.environ["ERASE_CACHE"] = str(root / "cache")
+    return tiny_sdxl(root / "sdxl")
+
+
+def _task(folder, streams=("forget", "retain"), **kw):
+    from erase.diffusion.task import DiffusionConfig, DiffusionTask
+
+    cfg = DiffusionConfig(model=str(folder), concept="garbage truck", n_forget=4, n_retain=4, sample_steps=2,
+                          eval_images=2, retain_concepts="church,parachute", **kw)
+    return DiffusionTask(cfg, seed=0, streams=streams)
+
+
+def test_loads_as_sdxl_with_pooled_conditions(sdxl):
+    from erase.diffusion.conditioning import PooledText
+    from erase.diffusion.loading import model_kind
+
+    assert model_kind(str(sdxl)) == "sdxl"
+    task = _task(sdxl)
+    assert task.kind == "sdxl" and task.has_cross_attention and not task.one_text_encoder
+    assert task.resolution == 16  # unet sample_size 8 x VAE factor 2
+    assert type(task.scheduler).__name__ == "DDIMScheduler"  # the shipped Euler stays for exports
+    assert type(task.base.shipped_scheduler).__name__ == "EulerDiscreteScheduler"
+    cond = task.encode(["a photo of a garbage truck"])
+    assert isinstance(cond, PooledText) and cond.embeds.shape == (1, 77, 64) and cond.pooled.shape == (1, 32)
+    # What cross-attention reads is both encoders' penultimate states, concatenated (SDXL's encode_prompt).
+    pipe = task.base.pipe
+    ids = pipe.tokenizer(["a photo of a garbage truck"], padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        h1 = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        out2 = pipe.text_encoder_2(ids, output_hidden_states=True)
+    torch.testing.assert_close(cond.embeds, torch.cat([h1, out2.hidden_states[-2]], -1))
+    torch.testing.assert_close(cond.pooled, out2.text_embeds)
+    torch.testing.assert_close(task.cross_attention_text(["a photo of a garbage truck"]), cond.embeds)
+    # The unconditional side is zeros, as StableDiffusionXLPipeline guides (force_zeros_for_empty_prompt).
+    null = task.null_condition(2, "cpu")
+    assert null.embeds.shape == (2, 77, 64) and not null.embeds.any() and not null.pooled.any()
+    assert task.forget_set.latents.shape == (4, 4, 8, 8)
+
+
+def test_predict_feeds_pooled_text_and_time_ids(sdxl):
+    task = _task(sdxl, streams=())
+    unet = task.base.unet
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([300, 700])
+    cond = task.concept_condition(2, "cpu")
+    ids = torch.tensor([[16, 16, 0, 0, 16, 16]] * 2, dtype=torch.float32)
+    with torch.no_grad():
+        want = unet(x, t, encoder_hidden_states=cond.embeds,
+                    added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": ids}).sample
+        got = task.predict(unet, x, t, cond)
+        other = task.predict(unet, x, t, task.null_condition(2, "cpu"))
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, other)
+
+
+CASES = ["salun", "rl", "ga", "ft", "esd-x", "esd-u", "ca", "fmn"]
+
+
+@pytest.mark.parametrize("method", CASES)
+def test_method_two_steps(sdxl, tmp_path, method):
+    task = _task(sdxl)
+    cls = erase.get_method(method, "diffusion")
+    ctx = _ctx(task, tmp_path)
+    before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    cfg = cls.Config(**{**cls.task_defaults.get("diffusion", {}), "max_steps": 2, "batch_size": 2, "lr": 1e-3,
+                        **({"anchor": "church"} if method == "ca" else {})})
+    if hasattr(cfg, "ddim_steps"):
+        cfg.ddim_steps = 3
+    m = cls(cfg)
+    m.check_task(task)
+    run_method(m, ctx, LoopSettings(progress=False, log_every=1))
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(v)) for r in logs for k, v in r.items() if k != "phase")
+    after = dict(ctx.unwrapped.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed, "nothing changed"
+    if method in ("esd-x", "fmn"):
+        assert all(".attn2." in n for n in changed)
+    if method == "ca":
+        assert all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed)
+    if method == "esd-u":
+        assert not any(".attn2." in n for n in changed)
+    masks = m.parameter_masks(ctx)
+    for n, mask in (masks or {}).items():
+        assert torch.equal(after[n].detach()[~mask], before[n][~mask]), n
+
+
+def _unet(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["uce", "rece"])
+def test_closed_form_edits_only_attn2_kv_and_reloads_with_diffusers(sdxl, tmp_path, method):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "run"
+    args = ["--concept", "garbage truck", "--method", method, "--model", str(sdxl), "--retain-concepts",
+            "church,parachute", "--output-dir", str(out), *FAST]
+    assert run_cli(train_main, args) == 0
+    before, after = _unet(sdxl), _unet(out / "model")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    should = {k for k in before if ".attn2." in k and k.endswith(("to_k.weight", "to_v.weight"))}
+    assert should and changed == should
+    assert all(after[k].shape[1] == 64 for k in changed)  # the edit is on the concatenated (32 + 32) embedding
+    assert all(torch.isfinite(after[k]).all() for k in changed)
+    assert "StableDiffusionXLPipeline.from_pretrained" in (out / "README.md").read_text()
+    index = json.loads((out / "model" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["scheduler"][1] == "EulerDiscreteScheduler"
+    pipe = StableDiffusionXLPipeline.from_pretrained(out / "model")
+    img = pipe("a photo of a church", num_inference_steps=2, output_type="pt").images
+    assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()
+
+
+def test_resolution_flag(sdxl):
+    from erase.diffusion.task import DiffusionConfig
+
+    for bad in (-8, 12):
+        with pytest.raises(erase.EraseError, match="--resolution"):
+            DiffusionConfig(model=str(sdxl), concept="x", resolution=bad).validate()
+    task = _task(sdxl, streams=(), resolution=24)  # the tiny model: VAE factor 2 x one UNet down-sampling = 4
+    assert task.resolution == 24
+    task.base.pipe.vae_scale_factor = 8  # as SD's VAE: now sides must be multiples of 16
+    with pytest.raises(erase.EraseError, match="--resolution must be a multiple of 16 for this model"):
+        task._resolution()
+    task = _task(sdxl, streams=("forget",), resolution=32)
+    assert task.resolution == 32 and task.forget_set.latents.shape == (4, 4, 16, 16)
+    x = task.generate(task.base.unet, task.encode(["a photo of a church"]), [1])
+    assert x.shape == (1, 3, 32, 32)
+    x_t, _ = task.partial_sample(task.base.unet, 1, 1, 2, 3.0, [7])
+    assert x_t.shape == (1, 4, 16, 16)
+    assert task.predict(task.base.unet, x_t, torch.tensor([500]), task.concept_condition(1, "cpu")).shape == x_t.shape
+
+
+def test_token_level_work_is_refused_on_sdxl(sdxl):
+    task = _task(sdxl, streams=())
+    with pytest.raises(erase.EraseError, match="SDXL"):
+        task.token_ids(["a photo"])
+    cls = erase.get_method("advunlearn", "diffusion")
+    with pytest.raises(erase.EraseError, match="SDXL"):
+        cls(cls.Config()).check_task(task)
+    attack = erase.get_attack("ring-a-bell") if hasattr(erase, "get_attack") else None
+    if attack is not None:
+        with pytest.raises(erase.EraseError, match="SDXL"):
+            attack(attack.Config()).check_task(task)
+
+
+def test_sd3_and_flux_folders_are_still_refused(tmp_path):
+    from erase.diffusion.loading import load_base, model_kind
+
+    for cls, name in (("StableDiffusion3Pipeline", "SD3"), ("FluxPipeline", "FLUX")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+        assert model_kind(str(folder)) is None
+        with pytest.raises(erase.EraseError, match=f"holds {name}, which erase does not support.*SDXL"):
+            load_base(str(folder))
