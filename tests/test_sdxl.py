@@ -75,7 +75,7 @@ def test_predict_feeds_pooled_text_and_time_ids(sdxl):
     assert not torch.allclose(got, other)
 
 
-CASES = ["salun", "rl", "ga", "ft", "esd-x", "esd-u", "ca", "fmn"]
+CASES = ["salun", "salun_soft", "rl", "ga", "ga_plus", "ft", "l1_sparse", "esd-x", "esd-u", "ca", "fmn"]
 
 
 @pytest.mark.parametrize("method", CASES)
@@ -178,3 +178,34 @@ def test_sd3_and_flux_folders_are_still_refused(tmp_path):
         assert model_kind(str(folder)) is None
         with pytest.raises(erase.EraseError, match=f"holds {name}, which erase does not support.*SDXL"):
             load_base(str(folder))
+
+
+def test_single_files_are_told_apart_by_their_tensor_names(tmp_path):
+    from safetensors.torch import save_file
+
+    from erase.diffusion.loading import single_file_kind
+
+    def ckpt(name, key):
+        path = tmp_path / f"{name}.safetensors"
+        save_file({key: torch.zeros(1)}, str(path))
+        return path
+
+    assert single_file_kind(ckpt("xl", "conditioner.embedders.1.model.ln_final.weight")) == "sdxl"
+    assert single_file_kind(ckpt("sd", "cond_stage_model.transformer.text_model.final_layer_norm.weight")) == "sd"
+    assert single_file_kind(tmp_path / "old.ckpt") == "sd"  # a pickle is not opened: taken for SD 1.x/2.x as before
+    for name, key in (("SD3", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"),
+                      ("FLUX", "double_blocks.0.img_attn.qkv.weight")):
+        with pytest.raises(erase.EraseError, match=f"holds {name}, which erase does not support"):
+            single_file_kind(ckpt(name, key))
+
+
+def test_generate_renders_sdxl_prompts(sdxl):
+    from erase.diffusion.generation import Job, load_generator, render
+    from erase.prompts import PromptRow
+
+    model = load_generator(str(sdxl), "cpu")
+    jobs = [Job("base", PromptRow("0", "a photo of a church", 3, 5.0), k, 5.0) for k in range(2)]
+    images = render(model, jobs, 2)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    again = render(model, jobs[1:], 2)
+    torch.testing.assert_close(again[0], images[1])  # an image depends on its own seed only

@@ -159,8 +159,11 @@ def render(model, jobs: list[Job], steps: int) -> torch.Tensor:
         x, _ = sample_ddpm(model.unet, model.scheduler, labels, [j.seed for j in jobs], g, steps,
                            model.unet.config.num_class_embeds - 1)
         return ((x.float() + 1) / 2).clamp(0, 1).cpu()
-    out = model.pipe(prompt=[j.row.prompt for j in jobs], negative_prompt=[j.row.negative_prompt for j in jobs],
-                     guidance_scale=g, num_inference_steps=steps, generator=gens, output_type="pt")
+    negative = [j.row.negative_prompt for j in jobs]
+    if model.kind == "sdxl" and not any(negative):
+        negative = None  # SDXL then guides against zeros (force_zeros_for_empty_prompt), as erase trains it
+    out = model.pipe(prompt=[j.row.prompt for j in jobs], negative_prompt=negative, guidance_scale=g,
+                     num_inference_steps=steps, generator=gens, output_type="pt")
     return out.images.float().clamp(0, 1).cpu()
 
 
