@@ -162,8 +162,10 @@ def test_token_level_work_is_refused_on_sdxl(sdxl):
     cls = erase.get_method("advunlearn", "diffusion")
     with pytest.raises(erase.EraseError, match="SDXL"):
         cls(cls.Config()).check_task(task)
-    attack = erase.get_attack("ring-a-bell") if hasattr(erase, "get_attack") else None
-    if attack is not None:
+    from erase.attacks import get_attack, list_attacks
+
+    for name in list_attacks():
+        attack = get_attack(name)
         with pytest.raises(erase.EraseError, match="SDXL"):
             attack(attack.Config()).check_task(task)
 
@@ -209,3 +211,26 @@ def test_generate_renders_sdxl_prompts(sdxl):
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     again = render(model, jobs[1:], 2)
     torch.testing.assert_close(again[0], images[1])  # an image depends on its own seed only
+
+
+@pytest.mark.parametrize("fmt", ["lora", "delta"])
+def test_lora_and_delta_exports_apply_to_the_sdxl_pipeline(sdxl, tmp_path, fmt):
+    from diffusers import StableDiffusionXLPipeline
+
+    from erase.diffusion.export import load_delta
+
+    out = tmp_path / fmt
+    args = ["--concept", "garbage truck", "--method", "esd-x", "--model", str(sdxl), "--retain-concepts", "church",
+            "--max-steps", "2", "--ddim-steps", "3", "--lr", "1e-2", "--save-format", fmt, "--output-dir", str(out),
+            *FAST]
+    assert run_cli(train_main, args) == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    before = {n: p.clone() for n, p in pipe.unet.named_parameters()}
+    if fmt == "lora":
+        pipe.load_lora_weights(out / "lora")
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    else:
+        assert load_delta(pipe, out / "delta.safetensors") > 0
+    changed = [n for n, p in pipe.unet.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert changed and all(".attn2." in n for n in changed)
