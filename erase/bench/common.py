@@ -138,9 +138,15 @@ def _stale(out: Path, layers: tuple) -> bool:
     current = yaml.safe_load(yaml.safe_dump(now.to_dict(), sort_keys=False))
     for section in (now.task_name, "method"):
         old, new = stored.get(section) or {}, current[section]
-        if any(k in old and old[k] != v for k, v in new.items()):
+        if any(k in old and old[k] != v and not _inert(k, new) for k, v in new.items()):
             return True
     return False
+
+
+def _inert(key: str, config: dict) -> bool:
+    """A setting that cannot have changed the run: LoRA targets when no LoRA trained (their default became
+    'the layer map's' without changing what a full-weight run does)."""
+    return key == "lora_targets" and not config.get("lora_rank") and config.get("save_format") != "lora"
 
 
 def run_once(out: Path, method: str, task_layer: dict, method_layer: dict, seed: int, *,
