@@ -36,3 +36,8 @@ def field_problems(cfg: Any) -> list[str]:
         elif isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{flag_name(f.name)} must be a finite number, got {value!r}")
     return problems
+
+
+def below_minimum(cfg: Any, low: float, *names: str) -> list[str]:
+    """One message per field of ``names`` whose value is below ``low``, naming its flag."""
+    return [f"{flag_name(n)} must be >= {low}, got {getattr(cfg, n)}" for n in names if getattr(cfg, n) < low]

@@ -37,7 +37,7 @@ from erase.attacks.concept_vector import concept_words
 from erase.attacks.optimised import GradientAttack, Objective, Tensors, optimise
 from erase.attacks.slots import SLOT, embeds, frame, words
 from erase.errors import EraseError
-from erase.fields import flag_name, opt
+from erase.fields import below_minimum, opt
 from erase.prompts import PromptRow
 
 # diffusers' textual_inversion.py imagenet_templates_small (object) and imagenet_style_templates_small (style), first 8.
@@ -65,12 +65,8 @@ class ConceptInversionConfig(AttackConfig):
 
     def problems(self) -> list[str]:
         problems = super().problems()
-        for name in ("train_images", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay"):
-            if getattr(self, name) < 0:
-                problems.append(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
+        problems += below_minimum(self, 1, "train_images", "steps", "batch_size")
+        problems += below_minimum(self, 0, "lr", "weight_decay")
         if not self.init_word.strip():
             problems.append("--init-word is empty: name a word to start the new embedding from")
         if not self.placeholder.strip() or " " in self.placeholder.strip():

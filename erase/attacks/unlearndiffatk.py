@@ -36,7 +36,7 @@ from erase.attacks.base import AttackConfig, AttackContext, AttackResult, regist
 from erase.attacks.optimised import GradientAttack, Objective, Tensors, optimise
 from erase.attacks.slots import SLOT, decode, embeds, frame
 from erase.attacks.vocabulary import allowed_ids
-from erase.fields import flag_name, opt
+from erase.fields import below_minimum, opt
 from erase.prompts import PromptRow
 
 
@@ -52,13 +52,8 @@ class UnlearnDiffAtkConfig(AttackConfig):
 
     def problems(self) -> list[str]:
         problems = super().problems()
-        for name in ("prefix", "timesteps", "iterations"):
-            if getattr(self, name) < 1:
-                problems.append(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay"):
-            if getattr(self, name) < 0:
-                problems.append(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
-        return problems
+        return (problems + below_minimum(self, 1, "prefix", "timesteps", "iterations")
+                + below_minimum(self, 0, "lr", "weight_decay"))
 
 
 class _SampleOneHot(torch.autograd.Function):
