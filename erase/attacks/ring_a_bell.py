@@ -43,7 +43,7 @@ from erase.attacks.concept_vector import concept_vector, concept_words, read_pai
 from erase.attacks.genetic import genetic_search
 from erase.attacks.vocabulary import allowed_ids, banned_ids, clean
 from erase.errors import EraseError
-from erase.fields import flag_name, opt
+from erase.fields import below_minimum, flag_name, opt
 from erase.prompts import PromptRow
 
 
@@ -66,9 +66,8 @@ class RingABellConfig(AttackConfig):
 
     def problems(self) -> list[str]:
         problems = super().problems()
-        for name, low in (("length", 1), ("population", 2), ("generations", 1), ("batch_size", 1)):
-            if getattr(self, name) < low:
-                problems.append(f"{flag_name(name)} must be >= {low}, got {getattr(self, name)}")
+        problems += below_minimum(self, 1, "length") + below_minimum(self, 2, "population")
+        problems += below_minimum(self, 1, "generations", "batch_size")
         for name in ("crossover", "mutation"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{flag_name(name)} must be a probability in [0, 1], got {getattr(self, name)}")

@@ -58,7 +58,7 @@ from torch.nn import functional as F
 
 from erase.engine.method import Method, MethodConfig, Phase
 from erase.errors import EraseError
-from erase.fields import flag_name, opt
+from erase.fields import below_minimum, opt
 from erase.registry import register_method
 
 # Text-encoder weights that train (util.py:L41-64, text_encoder_full with component 'all'): the transformer
@@ -99,11 +99,9 @@ class AdvUnlearnConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        problems = []
-        for name, low in (("max_steps", 1), ("retain_batch", 1), ("attack_steps", 1), ("adv_prompt_num", 1),
-                          ("ddim_steps", 2), ("warmup_iters", 0), ("retain_weight", 0), ("start_guidance", 0)):
-            if getattr(self, name) < low:
-                problems.append(f"{flag_name(name)} must be >= {low}, got {getattr(self, name)}")
+        problems = (below_minimum(self, 1, "max_steps", "retain_batch", "attack_steps", "adv_prompt_num")
+                    + below_minimum(self, 2, "ddim_steps")
+                    + below_minimum(self, 0, "warmup_iters", "retain_weight", "start_guidance"))
         if not self.attack_lr > 0:
             problems.append(f"--attack-lr must be > 0, got {self.attack_lr}")
         if self.adv_prompt_num > 70:
