@@ -224,10 +224,14 @@ def test_bad_diffusion_inputs(models, tmp_path, capsys):
 
     assert "--concept is empty" in err(["--task", "diffusion", "--concept", " ", "--model", str(models["sd1"])])
     assert "not found" in err(["--concept", "x", "--model", str(tmp_path / "nope")])
-    sd3 = tmp_path / "sd3"  # SDXL loads now (tests/test_sdxl.py); SD3 is still refused, naming what is supported
+    flux = tmp_path / "flux"  # SDXL and SD3 load now (tests/test_sdxl.py, test_sd3.py); FLUX is refused, naming what is
+    flux.mkdir()              # supported
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert "FLUX" in err(["--concept", "x", "--model", str(flux)])
+    sd3 = tmp_path / "sd3"  # an SD3 folder without its parts: one line naming the folder
     sd3.mkdir()
     (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    assert "SD3" in err(["--concept", "x", "--model", str(sd3)])
+    assert "could not load the model in" in err(["--concept", "x", "--model", str(sd3)])
     code = run_cli(train_main, ["--concept", "garbage truck", "--model", str(models["sd1"]), "--output-dir",
                                 str(models["sd1"] / "erased"), *FAST])
     assert code == 2 and "base model" in capsys.readouterr().err

@@ -67,6 +67,35 @@ def tiny_sdxl(folder: Path) -> Path:
     return folder
 
 
+def tiny_sd3(folder: Path, qk_norm: str | None = None) -> Path:
+    """An SD3-shaped pipeline folder with random weights, saved without T5 (after diffusers' SD3 get_dummy_components):
+    an SD3Transformer2DModel (2 joint blocks, patch 1), two CLIPTextModelWithProjection (32 + 32 -> 64-d tokens and
+    pooled), a flow-matching Euler scheduler with SD3's shift 3, a VAE with SD3's shift_factor; 16 px images."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from erase.zoo.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
+        pos_embed_max_size=8, qk_norm=qk_norm)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16, shift_factor=0.06, scaling_factor=1.5)
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                            vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                            max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=CLIPTextModelWithProjection(config), tokenizer=build_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(config), tokenizer_2=build_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(folder)
+    return folder
+
+
 def tiny_ddpm(folder: Path, channels: int = 3, size: int = 32, classes: int = 10) -> Path:
     """A CIFAR-shaped class-conditional DDPM folder (unet/ + scheduler/) with a null class."""
     from diffusers import DDIMScheduler, UNet2DModel

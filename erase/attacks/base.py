@@ -185,8 +185,8 @@ class Attack(ABC):
             raise EraseError(f"attack {self.name!r} needs a text-conditioned model (Stable Diffusion): the task "
                              "offers no tokenizer / text encoder")
         if not getattr(task, "one_text_encoder", True):
-            raise EraseError(f"attack {self.name!r} works on one text encoder's tokens and embeddings; SDXL conditions "
-                             "on two encoders plus a pooled embedding, which the attacks do not support yet")
+            raise EraseError(f"attack {self.name!r} works on one text encoder's tokens and embeddings; SDXL and SD3 "
+                             "condition on several encoders plus a pooled embedding, which the attacks do not support yet")
 
     @abstractmethod
     def run(self, row: PromptRow, ctx: AttackContext) -> AttackResult:

@@ -1,12 +1,14 @@
 """Write an erased model: a full diffusers folder, or only the tensors that changed.
 
-``pipeline`` writes ``model/`` — ``StableDiffusionPipeline.from_pretrained("…/model")`` (SDXL:
-``StableDiffusionXLPipeline``) loads it as usual (for a DDPM: ``model/unet`` + ``model/scheduler``); a model whose text encoder was trained
+``pipeline`` writes ``model/``: ``StableDiffusionPipeline.from_pretrained("…/model")`` (SDXL:
+``StableDiffusionXLPipeline``; SD3: ``StableDiffusion3Pipeline``) loads it as usual (a DDPM:
+``model/unet`` + ``model/scheduler``); a model whose text encoder was trained
 (:class:`~erase.diffusion.text_model.TextConditionedUNet`) writes that encoder as ``model/text_encoder``.
-``delta`` writes ``delta.safetensors`` with the changed tensors only: UNet keys as the UNet names them
-(format ``erase-unet-delta``), or — when a text encoder was trained — ``unet.*`` and ``text_encoder.*``
-keys (format ``erase-delta``); :func:`load_delta` applies either to the base pipeline. Both are
-written into a temporary folder / file and renamed into place. LoRA exports hold UNet adapters only.
+``delta`` writes ``delta.safetensors`` with the changed tensors only: denoiser keys as the denoiser names
+them (format ``erase-unet-delta``; "UNet" here and below also means SD3's transformer), or, when a text
+encoder was trained, ``unet.*`` and ``text_encoder.*`` keys (format ``erase-delta``); :func:`load_delta`
+applies either to the base pipeline. Both are written into a temporary folder / file and renamed into
+place. LoRA exports hold denoiser adapters only.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from erase.diffusion.loading import pipeline_class
-from erase.diffusion.text_model import TextConditionedUNet
+from erase.diffusion.loading import denoiser_attr, pipeline_class
+from erase.diffusion.text_model import TextConditionedUNet, denoiser
 from erase.errors import EraseError
 from erase.storage import atomic_dir, load_safetensors, save_safetensors
 
@@ -30,17 +32,17 @@ def save_pipeline(task, model, out: Path) -> Path:
             model.save_pretrained(tmp / "unet", safe_serialization=True)
             task.scheduler.save_pretrained(tmp / "scheduler")
         else:
-            pipe = task.base.pipe
-            original = pipe.unet, pipe.text_encoder, pipe.scheduler
+            pipe, attr = task.base.pipe, denoiser_attr(task.kind)
+            original = getattr(pipe, attr), pipe.text_encoder, pipe.scheduler
             if isinstance(model, TextConditionedUNet):
-                pipe.unet, pipe.text_encoder = model.unet, model.text_encoder
-            else:
-                pipe.unet = model
+                pipe.text_encoder = model.text_encoder
+            setattr(pipe, attr, denoiser(model))
             pipe.scheduler = task.base.shipped_scheduler or pipe.scheduler  # the base folder's own (SDXL: Euler)
             try:
                 pipe.save_pretrained(tmp, safe_serialization=True)
             finally:
-                pipe.unet, pipe.text_encoder, pipe.scheduler = original
+                pipe.text_encoder, pipe.scheduler = original[1:]
+                setattr(pipe, attr, original[0])
     return out / "model"
 
 
@@ -50,8 +52,8 @@ def save_lora(task, unet, out: Path) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     with atomic_dir(out / "lora") as tmp:
-        pipeline_class(task.kind).save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(unet),
-                                                  safe_serialization=True)
+        layers = {f"{denoiser_attr(task.kind)}_lora_layers": get_peft_model_state_dict(unet)}
+        pipeline_class(task.kind).save_lora_weights(tmp, **layers, safe_serialization=True)
     return out / "lora"
 
 
@@ -97,7 +99,7 @@ def load_delta(pipe_or_unet, path: str | Path) -> int:
     """
     delta = load_safetensors(path)
     if delta_format(path) != DELTA:
-        return _apply(getattr(pipe_or_unet, "unet", pipe_or_unet), delta, path, "UNet")
+        return _apply(_denoiser_of(pipe_or_unet), delta, path, "UNet")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in delta.items():
         part, _, name = key.partition(".")
@@ -108,11 +110,18 @@ def load_delta(pipe_or_unet, path: str | Path) -> int:
     if "text_encoder" in parts and getattr(pipe_or_unet, "text_encoder", None) is None:
         raise EraseError(f"{path} also holds text-encoder weights (the run trained the text encoder): apply it to the "
                          "whole pipeline, load_delta(pipe, path), not to its UNet")
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    n = _apply(unet, parts.get("unet", {}), path, "UNet")
+    n = _apply(_denoiser_of(pipe_or_unet), parts.get("unet", {}), path, "UNet")
     if "text_encoder" in parts:
         n += _apply(pipe_or_unet.text_encoder, parts["text_encoder"], path, "text encoder")
     return n
+
+
+def _denoiser_of(pipe_or_unet):
+    """A pipeline's UNet or transformer; anything else is taken for the denoiser itself."""
+    for attr in ("unet", "transformer"):
+        if getattr(pipe_or_unet, attr, None) is not None:
+            return getattr(pipe_or_unet, attr)
+    return pipe_or_unet
 
 
 def _apply(module, tensors: dict[str, torch.Tensor], path, what: str) -> int:

@@ -31,14 +31,13 @@ from PIL import Image
 from erase.classifier.data import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
 from erase.diffusion.export import delta_format, load_delta
 from erase.diffusion.grid import before_after_grid
-from erase.diffusion.loading import load_base
+from erase.diffusion.loading import default_guidance, load_base  # noqa: F401  (default_guidance: erase.generate)
 from erase.diffusion.sampling import sample_ddpm
 from erase.errors import EraseError
 from erase.prompts import PromptRow
 from erase.storage import atomic_path, atomic_write_json, load_png
 
 INDEX_COLUMNS = ["file", "model", "case_number", "k", "prompt", "seed", "guidance", "negative_prompt", "concept"]
-FMNIST_NAMES = ("fmnist-tiny-sd", "fmnist-ddpm")
 
 
 @dataclass
@@ -122,11 +121,6 @@ def trained_text_encoder(erased, base_pipe):
         return erased.pipe.text_encoder
     same = all(torch.equal(v, theirs[k].to(v.device)) for k, v in mine.items())
     return None if same else erased.pipe.text_encoder
-
-
-def default_guidance(spec: str, kind: str) -> float:
-    fmnist = Path(spec).name in FMNIST_NAMES or spec in FMNIST_NAMES
-    return 4.0 if fmnist and kind == "sd" else 2.0 if kind == "ddpm" else 7.5
 
 
 def ddpm_class_names(model) -> list[str]:

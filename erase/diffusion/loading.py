@@ -1,8 +1,9 @@
 """Load the diffusion model to erase from: a bundled name, a local folder, a single file or a hub id.
 
 Supported: Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``; epsilon or v-prediction), SDXL
-(``StableDiffusionXLPipeline``: two text encoders, a pooled embedding and size/crop time ids) and
-class-conditional pixel-space DDPMs (a ``UNet2DModel`` with class embeddings plus a scheduler, in
+(``StableDiffusionXLPipeline``: two text encoders, a pooled embedding and size/crop time ids), SD 3 / 3.5
+(``StableDiffusion3Pipeline``: a rectified-flow MMDiT, two CLIP encoders and an optional T5, a pooled
+embedding) and class-conditional pixel-space DDPMs (a ``UNet2DModel`` with class embeddings plus a scheduler, in
 ``unet/`` + ``scheduler/`` folders). Anything else gets an error naming what is supported. The
 network is touched only when the user names a hub id; the safety checker and SDXL's invisible
 watermark are always off (erasure work must see what the model really generates).
@@ -21,28 +22,51 @@ from safetensors import SafetensorError, safe_open
 from erase.errors import EraseError
 from erase.storage import ZOO_DIR, list_bundled_models
 
-SUPPORTED = ("Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline) and "
-             "class-conditional DDPMs (UNet2DModel with class embeddings)")
+SUPPORTED = ("Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline), SD 3/3.5 "
+             "(StableDiffusion3Pipeline) and class-conditional DDPMs (UNet2DModel with class embeddings)")
 UNSUPPORTED_HINTS = {
-    "StableDiffusion3Pipeline": "SD3", "FluxPipeline": "FLUX", "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner",
+    "FluxPipeline": "FLUX", "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner",
     "PixArtAlphaPipeline": "PixArt", "KandinskyPipeline": "Kandinsky", "DDPMPipeline": "an unconditional DDPM",
 }
 
 
-# The model_index.json class of each kind erase loads: "sd" (1.x/2.x), "sdxl", a class-conditional "ddpm".
-KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "ClassConditionalDDPM": "ddpm"}
-TEXT_KINDS = ("sd", "sdxl")  # the kinds that read a prompt through text cross-attention
+# The model_index.json class of each kind erase loads: "sd" (1.x/2.x), "sdxl", "sd3", a class-conditional "ddpm".
+KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
+         "ClassConditionalDDPM": "ddpm"}
+TEXT_KINDS = ("sd", "sdxl", "sd3")  # the kinds that read a prompt (through text attention)
+FLOW_KINDS = ("sd3",)  # rectified-flow models: velocity targets on a flow-matching schedule (erase.diffusion.flow)
+POOLED_KINDS = ("sdxl", "sd3")  # conditions are PooledText: token embeddings plus a pooled embedding
+# The pipeline attribute that holds the denoiser: a UNet, or an MMDiT transformer.
+DENOISER_ATTR = {"sd3": "transformer"}
+
+
+def denoiser_attr(kind: str) -> str:
+    return DENOISER_ATTR.get(kind, "unet")
+
+
+FMNIST_MODELS = ("fmnist-tiny-sd", "fmnist-tiny-flow", "fmnist-ddpm")  # the bundled Fashion-MNIST generators
+
+
+def is_fmnist(spec: str) -> bool:
+    """Whether ``spec`` names a bundled Fashion-MNIST generator (or a folder of that name)."""
+    return Path(spec).name in FMNIST_MODELS or spec in FMNIST_MODELS
+
+
+def default_guidance(spec: str, kind: str) -> float:
+    """Classifier-free guidance when none is given: what the bundled models were checked with (4 for the tiny SD
+    and the tiny flow model, 2 for the DDPM), else SD's customary 7.5."""
+    return 4.0 if is_fmnist(spec) and kind in ("sd", "sd3") else 2.0 if kind == "ddpm" else 7.5
 
 
 @dataclass
 class DiffusionBase:
     """What the task needs: the trainable denoiser plus frozen parts (text encoder, VAE, scheduler)."""
 
-    kind: str                 # "sd", "sdxl" or "ddpm"
-    unet: torch.nn.Module
+    kind: str                 # "sd", "sdxl", "sd3" or "ddpm"
+    unet: torch.nn.Module     # the denoiser: a UNet, or SD3's transformer (the name predates transformers)
     scheduler: Any
     source: str               # where it came from, for model cards
-    pipe: Any = None          # StableDiffusionPipeline ("sd") or StableDiffusionXLPipeline ("sdxl")
+    pipe: Any = None          # the diffusers pipeline of a text-to-image kind
     folder: Path | None = None
     shipped_scheduler: Any = None  # the folder's own scheduler where erase samples with another (SDXL), for exports
 
@@ -105,7 +129,7 @@ def _load_error(where, err: Exception) -> EraseError:
 
 
 def model_kind(spec: str) -> str | None:
-    """"sd", "sdxl" or "ddpm" for a local or bundled model folder, from its JSON files alone (no weights read).
+    """"sd", "sdxl", "sd3" or "ddpm" for a local or bundled model folder, from its JSON files alone (no weights read).
 
     None when that cannot be told without loading (a single file, a hub id, an unsupported folder),
     so config-time checks can refuse a method early and leave the rest to ``load_base``.
@@ -141,13 +165,26 @@ def _check_supported(name: str | None, where: str) -> None:
 def pipeline_class(kind: str):
     """The plain diffusers pipeline class of a text-to-image kind (what an erased ``model/`` reloads with)."""
     # lazy: diffusers takes seconds to import
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    return StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    return getattr(diffusers, {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}.get(
+        kind, "StableDiffusionPipeline"))
 
 
-def _pipe_kwargs(kind: str) -> dict:
-    # SD ships a safety checker, SDXL an invisible watermark: both change what the model generates.
+def absent_components(folder: Path | None) -> dict:
+    """``{name: None}`` for the components a local folder's model_index.json lists as null (an SD3 saved
+    without T5: ``text_encoder_3``/``tokenizer_3``), which diffusers only accepts when passed explicitly."""
+    index = folder / "model_index.json" if folder is not None else None
+    if index is None or not index.is_file():
+        return {}
+    return {k: None for k, v in _read_json(index).items()
+            if k in ("text_encoder_3", "tokenizer_3") and isinstance(v, list) and v[:1] == [None]}
+
+
+def _pipe_kwargs(kind: str, folder: Path | None = None) -> dict:
+    # SD ships a safety checker, SDXL an invisible watermark: both change what the model generates. SD3 has neither.
+    if kind == "sd3":
+        return absent_components(folder)
     return {"add_watermarker": False} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
 
 
@@ -155,7 +192,8 @@ def _load_sd_folder(folder: Path | str, local_only: bool, device, kind: str = "s
     if local_only:
         check_weight_files(Path(folder))
     try:
-        pipe = pipeline_class(kind).from_pretrained(folder, local_files_only=local_only, **_pipe_kwargs(kind))
+        pipe = pipeline_class(kind).from_pretrained(folder, local_files_only=local_only,
+                                                    **_pipe_kwargs(kind, Path(folder) if local_only else None))
     except (OSError, ValueError) as err:  # a bad config.json, a missing part, an unreadable .bin
         raise _load_error(folder, err) from err
     return _wrap_pipe(pipe, str(folder), device, Path(folder) if local_only else None, kind)
@@ -165,7 +203,7 @@ def _wrap_pipe(pipe, source: str, device, folder, kind: str = "sd") -> Diffusion
     shipped = None
     if kind == "sd":
         pipe.safety_checker = None
-    else:
+    elif kind == "sdxl":
         # SDXL ships EulerDiscreteScheduler, whose latents are x0 + sigma * noise and whose add_noise only takes
         # timesteps of its current inference schedule. The methods noise training latents at any timestep and
         # read ESD's partial samples as DDPM-space x_t, so erase samples SDXL with DDIM on the same betas and
@@ -177,24 +215,25 @@ def _wrap_pipe(pipe, source: str, device, folder, kind: str = "sd") -> Diffusion
         pipe.scheduler = DDIMScheduler.from_config(shipped.config, clip_sample=False, set_alpha_to_one=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    for part in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae):
+    for part in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None), pipe.vae):
         if part is not None:
             part.requires_grad_(False).eval()
-    return DiffusionBase(kind, pipe.unet, pipe.scheduler, source, pipe, folder, shipped)
+    return DiffusionBase(kind, getattr(pipe, denoiser_attr(kind)), pipe.scheduler, source, pipe, folder, shipped)
 
 
 def single_file_kind(path: Path) -> str:
-    """"sdxl" or "sd" for a single checkpoint file, from its tensor names (a safetensors header; no tensor is read).
+    """"sdxl", "sd3" or "sd" for a single checkpoint file, from its tensor names (a safetensors header; no tensor
+    is read).
 
-    SDXL's original checkpoints hold the second text encoder under ``conditioner.embedders.1``; SD3 and FLUX
-    files (``joint_blocks`` / ``double_blocks``) are refused. A ``.ckpt`` (pickle) cannot be read without
+    SDXL's original checkpoints hold the second text encoder under ``conditioner.embedders.1``, SD3's MMDiT has
+    ``joint_blocks``; FLUX files (``double_blocks``) are refused. A ``.ckpt`` (pickle) cannot be read without
     loading it: it is taken for SD 1.x/2.x, as before."""
     if path.suffix != ".safetensors":
         return "sd"
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
     if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
-        raise EraseError(f"{path} holds SD3, which erase does not support; supported: {SUPPORTED}")
+        return "sd3"
     if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
         raise EraseError(f"{path} holds FLUX, which erase does not support; supported: {SUPPORTED}")
     return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd"
@@ -262,7 +301,11 @@ def load_base(spec: str, device: str | torch.device = "cpu", original_config: st
         try:
             pipe = pipeline_class(kind).from_single_file(str(p), **_pipe_kwargs(kind), **kwargs)
         except (OSError, ValueError) as err:
-            what = "an SDXL" if kind == "sdxl" else "a Stable Diffusion 1.x/2.x"
+            what = {"sdxl": "an SDXL", "sd3": "an SD3"}.get(kind, "a Stable Diffusion 1.x/2.x")
+            if kind == "sd3":  # diffusers reads SD3's component configs from the hub; there is no YAML to pass
+                raise EraseError(f"could not load {p} as {what} checkpoint ({str(err).splitlines()[0]}); diffusers "
+                                 "builds SD3 from a single file with the hub's configs: go online once, or pass "
+                                 "the model's diffusers folder") from err
             yaml = "sd_xl_base.yaml" if kind == "sdxl" else "v1-inference.yaml"
             raise EraseError(f"could not load {p} as {what} checkpoint ({str(err).splitlines()[0]}); "
                              f"offline, pass --original-config with the model's {yaml}") from err

@@ -19,6 +19,7 @@ from erase.diffusion.data import cached_tensor
 from erase.diffusion.evaluation import accuracy_metrics, eval_groups, generate_groups
 from erase.diffusion.export import merge_lora, save_delta, save_lora, save_pipeline
 from erase.diffusion.grid import before_after_grid
+from erase.diffusion.loading import absent_components, pipeline_class
 from erase.diffusion.text_model import own_text_encoder
 from erase.metrics.fid import fid_metric, fit_reference
 from erase.storage import atomic_path, atomic_write_text
@@ -47,7 +48,7 @@ def _fid_fmnist(task, judge):
     return fit_reference(fid_metric(judge).to(task.device), test.get_batch(range(len(test)))["image"], task.device)
 
 
-FAMILY = {"sd": "Stable Diffusion", "sdxl": "SDXL", "ddpm": "class-conditional DDPM"}
+FAMILY = {"sd": "Stable Diffusion", "sdxl": "SDXL", "sd3": "SD3 (rectified flow)", "ddpm": "class-conditional DDPM"}
 
 
 class RunOutputs:
@@ -122,14 +123,15 @@ class RunOutputs:
             note = {"pipeline": " (with the trained text encoder in `model/text_encoder/`)",
                     "delta": " (the changed UNet and text-encoder tensors: apply it to the whole pipeline)"}.get(
                         self.cfg.save_format, "")
-        pipe_cls = "StableDiffusionXLPipeline" if self.kind == "sdxl" else "StableDiffusionPipeline"
+        pipe_cls = pipeline_class(self.kind).__name__ if self.kind != "ddpm" else ""
+        absent = "".join(f", {k}=None" for k in absent_components(task.base.folder))  # SD3 saved without T5
         load = {
             "pipeline": (f"```python\nfrom diffusers import {pipe_cls}\n"
-                         f"pipe = {pipe_cls}.from_pretrained(\"model\")\n```") if self.kind != "ddpm" else
+                         f"pipe = {pipe_cls}.from_pretrained(\"model\"{absent})\n```") if self.kind != "ddpm" else
                         ("```python\nfrom diffusers import DDPMScheduler, UNet2DModel\nunet = UNet2DModel.from_pretrained("
                          "\"model/unet\")\nscheduler = DDPMScheduler.from_pretrained(\"model/scheduler\")  # the class "
                          "in scheduler_config.json\n```"),
-            "lora": (f"```python\npipe = {pipe_cls}.from_pretrained(BASE)  # the base model above\n"
+            "lora": (f"```python\npipe = {pipe_cls}.from_pretrained(BASE{absent})  # the base model above\n"
                      "pipe.load_lora_weights(\"lora\")\n```"),
             "delta": ("```python\nfrom erase.diffusion.export import load_delta\n"
                       "load_delta(base_pipeline, \"delta.safetensors\")  # the base model above\n```"),

@@ -23,15 +23,16 @@ def _generators(seeds) -> list[torch.Generator]:
 @torch.no_grad()
 def sample_sd(pipe, unet, prompt_embeds, negative_embeds, seeds, guidance: float, steps: int,
               stop_after: int | None = None, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """UNet-space latents for ``prompt_embeds`` (N, L, D), or SDXL's :class:`PooledText`, at ``size`` pixels
-    square (None: the pipeline's default); (latents, timestep) when stopped early."""
+    """Denoiser-space latents for ``prompt_embeds`` (N, L, D), or SDXL's / SD3's :class:`PooledText`, at ``size``
+    pixels square (None: the pipeline's default); (latents, the scheduler's timestep value) when stopped early."""
     size = size or unet.config.sample_size * pipe.vae_scale_factor
     conds = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}
-    if isinstance(prompt_embeds, PooledText):  # SDXL: the pooled parts go beside; the pipeline adds the time ids
+    if isinstance(prompt_embeds, PooledText):  # SDXL / SD3: the pooled parts go beside (SDXL: + the time ids)
         conds = {"prompt_embeds": prompt_embeds.embeds, "negative_prompt_embeds": negative_embeds.embeds,
                  "pooled_prompt_embeds": prompt_embeds.pooled, "negative_pooled_prompt_embeds": negative_embeds.pooled}
-    original = pipe.unet
-    pipe.unet = unet
+    attr = "unet" if hasattr(pipe, "unet") else "transformer"
+    original = getattr(pipe, attr)
+    setattr(pipe, attr, unet)
     state: dict = {}
 
     def stop(p, i, t, kwargs):
@@ -46,12 +47,14 @@ def sample_sd(pipe, unet, prompt_embeds, negative_embeds, seeds, guidance: float
             shape = (len(seeds), unet.config.in_channels, side, side)
             noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in _generators(seeds)])
             pipe.scheduler.set_timesteps(steps)
-            return noise.to(unet.device, unet.dtype) * pipe.scheduler.init_noise_sigma, pipe.scheduler.timesteps[0]
+            # Flow schedulers start from plain noise (they have no init_noise_sigma).
+            sigma = getattr(pipe.scheduler, "init_noise_sigma", 1.0)
+            return noise.to(unet.device, unet.dtype) * sigma, pipe.scheduler.timesteps[0]
         out = pipe(**conds, guidance_scale=guidance, height=size, width=size,
                    num_inference_steps=steps, generator=_generators(seeds), output_type="latent",
                    callback_on_step_end=stop if stop_after is not None else None)
     finally:
-        pipe.unet = original
+        setattr(pipe, attr, original)
         pipe._interrupt = False
     if stop_after is not None:
         return state["latents"], pipe.scheduler.timesteps[stop_after]
@@ -89,15 +92,19 @@ def sample_ddpm(unet, scheduler, labels, seeds, guidance: float, steps: int, nul
 
 @torch.no_grad()
 def decode_sd(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """SD latents -> RGB images in [0, 1]."""
+    """SD latents -> RGB images in [0, 1] (SD3's VAE convention also has a shift: z = (x - shift) * scale)."""
     vae = pipe.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + _shift(vae)).sample
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 @torch.no_grad()
 def encode_sd(pipe, images: torch.Tensor) -> torch.Tensor:
-    """RGB images in [0, 1] -> SD latents (the posterior mean, scaled)."""
+    """RGB images in [0, 1] -> SD latents (the posterior mean, shifted and scaled)."""
     vae = pipe.vae
     dist = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist
-    return dist.mean * vae.config.scaling_factor
+    return (dist.mean - _shift(vae)) * vae.config.scaling_factor
+
+
+def _shift(vae) -> float:
+    return vae.config.get("shift_factor") or 0.0

@@ -27,8 +27,19 @@ from erase.diffusion.attention import AttentionStore, token_positions
 from erase.diffusion.concepts import ConceptSet, make_concepts, read_concept_file, split_concepts
 from erase.diffusion.conditioning import Condition, PooledText, cat_conditions, time_ids, token_embeddings
 from erase.diffusion.data import LatentSet, PairedSet, cached, generate, read_images
+from erase.diffusion.flow import FlowTime
 from erase.diffusion.layers import layer_map
-from erase.diffusion.loading import TEXT_KINDS, DiffusionBase, ddpm_num_classes, load_base, local_folder, model_kind
+from erase.diffusion.loading import (
+    FLOW_KINDS,
+    TEXT_KINDS,
+    DiffusionBase,
+    ddpm_num_classes,
+    default_guidance,
+    is_fmnist,
+    load_base,
+    local_folder,
+    model_kind,
+)
 from erase.diffusion.outputs import RunOutputs, save_erased
 from erase.diffusion.sampling import decode_sd, encode_sd, sample_ddpm, sample_sd
 from erase.diffusion.text_encoding import encode_ids, token_ids
@@ -39,8 +50,6 @@ from erase.engine.task import DenoisingTask, TaskConfig
 from erase.errors import EraseError
 from erase.fields import opt
 from erase.storage import model_settings
-
-FMNIST_MODELS = ("fmnist-tiny-sd", "fmnist-ddpm")
 
 
 @dataclass
@@ -140,7 +149,7 @@ class DiffusionTask(DenoisingTask):
         if cfg.save_format == "lora" and cfg.lora_rank == 0:
             cfg.lora_rank = 4
         self.lora = self.trains_adapters = cfg.lora_rank > 0
-        self.fmnist = Path(cfg.model).name in FMNIST_MODELS or cfg.model in FMNIST_MODELS
+        self.fmnist = is_fmnist(cfg.model)
         self._check_concepts_before_loading()
         self.base: DiffusionBase = load_base(cfg.model, self.device, cfg.original_config)
         self.kind = self.base.kind
@@ -152,10 +161,10 @@ class DiffusionTask(DenoisingTask):
         self._base_state: dict | None = None
         self.concepts: ConceptSet = make_concepts(cfg.concept_list(), cfg.retain_concepts, cfg.paraphrases, self.fmnist,
                                                   self._ddpm_class_names() if self.kind == "ddpm" else None)
-        self.guidance = cfg.guidance if cfg.guidance >= 0 else (4.0 if self.fmnist and self.kind == "sd"
-                                                                 else 2.0 if self.kind == "ddpm" else 7.5)
+        self.guidance = cfg.guidance if cfg.guidance >= 0 else default_guidance(cfg.model, self.kind)
         self.scheduler = self.base.scheduler
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
+        self.flow = FlowTime(self.scheduler.config) if self.kind in FLOW_KINDS else None
         if self.kind == "ddpm":
             self._setup_ddpm_classes()
         else:
@@ -178,10 +187,18 @@ class DiffusionTask(DenoisingTask):
         if not asked:
             return unet.config.sample_size * factor
         # The UNet halves the latent once per down block but the last: sides must divide evenly all the way.
-        step = factor * 2 ** (len(unet.config.down_block_types) - 1)
+        # A transformer cuts the latent into patch x patch tokens.
+        if "patch_size" in unet.config:
+            step, what = factor * unet.config.patch_size, "the transformer's patch size"
+        else:
+            step, what = factor * 2 ** (len(unet.config.down_block_types) - 1), "the UNet's down-sampling"
         if asked % step:
             raise EraseError(f"--resolution must be a multiple of {step} for this model (VAE factor {factor} times "
-                             f"the UNet's down-sampling), got {asked}")
+                             f"{what}), got {asked}")
+        largest = (unet.config.get("pos_embed_max_size") or 0) * step  # SD3's position table bounds the side
+        if largest and asked > largest:
+            raise EraseError(f"--resolution {asked} is larger than this transformer's position embedding allows "
+                             f"({largest} px: pos_embed_max_size {unet.config.pos_embed_max_size} patches)")
         return asked
 
     def cache_tag(self) -> dict:
@@ -201,7 +218,14 @@ class DiffusionTask(DenoisingTask):
 
     def encode(self, prompts: list[str]) -> Condition:
         """The conditions of ``prompts`` as the denoiser reads them: (N, L, D) for SD 1.x/2.x, a
-        :class:`~erase.diffusion.conditioning.PooledText` for SDXL (both encoders' token embeddings, pooled)."""
+        :class:`~erase.diffusion.conditioning.PooledText` for SDXL and SD3 (token embeddings of all encoders,
+        pooled embedding)."""
+        if self.kind == "sd3":
+            # SD3: both CLIPs' penultimate states side by side, zero-padded to T5's width, then T5's tokens (zeros
+            # when the pipeline has no T5); pooled = both CLIPs' projected end-of-text states.
+            embeds, _, pooled, _ = self.base.pipe.encode_prompt(prompts, None, None, device=self.device,
+                                                                num_images_per_prompt=1, do_classifier_free_guidance=False)
+            return PooledText(embeds.detach(), pooled.detach())
         if self.kind == "sdxl":
             embeds, _, pooled, _ = self.base.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
                                                                 do_classifier_free_guidance=False)
@@ -249,12 +273,13 @@ class DiffusionTask(DenoisingTask):
     @property
     def one_text_encoder(self) -> bool:
         """Whether the condition is one text encoder's output (SD 1.x/2.x): what token-level work (attacks,
-        text-encoder training) needs. SDXL reads two encoders plus a pooled embedding; a DDPM reads no text."""
+        text-encoder training) needs. SDXL and SD3 read two or three encoders plus a pooled embedding; a DDPM
+        reads no text."""
         return self.kind == "sd"
 
     ONE_ENCODER_ERROR = ("this works on one text encoder's tokens (attacks, text-encoder training such as advunlearn); "
-                         "SDXL conditions on two encoders plus a pooled embedding, which erase does not support for "
-                         "it yet: use a UNet method (esd-x, esd-u, uce, rece, ca, fmn, salun, rl, ga, ft)")
+                         "SDXL and SD3 condition on several encoders plus a pooled embedding, which erase does not "
+                         "support for it yet: use a denoiser method (esd-x, esd-u, uce, rece, ca, salun, rl, ga, ft)")
 
     def _need_one_encoder(self) -> None:
         self._need_text()
@@ -351,6 +376,11 @@ class DiffusionTask(DenoisingTask):
     def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         if self.kind == "ddpm":
             return model(x_t, t, class_labels=cond).sample
+        if self.kind == "sd3":
+            # The pooled text enters through the timestep embedding (adaLN); the transformer reads sigma * N.
+            return model(hidden_states=x_t, encoder_hidden_states=cond.embeds.to(x_t.dtype),
+                         pooled_projections=cond.pooled.to(x_t.dtype),
+                         timestep=self.flow.model_timestep(t).to(x_t.device)).sample
         if self.kind == "sdxl":
             # The pooled text and the size/crop time ids enter through the UNet's added embedding ("text_time").
             added = {"text_embeds": cond.pooled.to(x_t.dtype),
@@ -595,10 +625,15 @@ class DiffusionTask(DenoisingTask):
         return F.mse_loss(pred.float(), target.float())
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.flow is not None:  # rectified flow: (1 - sigma) x0 + sigma noise (erase.diffusion.flow)
+            return self.flow.add_noise(x0, noise, t)
         return self.scheduler.add_noise(x0, noise, t)
 
     def denoising_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the model was trained to predict at ``add_noise(x0, noise, t)``: the noise, or the velocity."""
+        """What the model was trained to predict at ``add_noise(x0, noise, t)``: the noise, the (v-prediction)
+        velocity, or for a flow model the flow velocity ``noise - x0``."""
+        if self.flow is not None:
+            return self.flow.velocity(x0, noise)
         if self.base.prediction_type == "v_prediction":
             return self.scheduler.get_velocity(x0, noise, t)
         return noise
@@ -630,8 +665,11 @@ class DiffusionTask(DenoisingTask):
         """x_t after ``stop_after`` of ``steps`` guided denoising steps under the conditions ``cond`` (N, L, D),
         one per seed (e.g. retain prompts'), and t. The unconditional side is the task's empty prompt."""
         self._need_text()
-        return sample_sd(self.base.pipe, denoiser(unet), cond.to(self.device), self.null_condition(len(seeds), self.device),
+        x, t = sample_sd(self.base.pipe, denoiser(unet), cond.to(self.device), self.null_condition(len(seeds), self.device),
                          seeds, guidance, steps, stop_after=stop_after, size=self.resolution)
+        if self.flow is not None:  # the sampler's timestep is sigma * N; the task's t is the training schedule's
+            t = self.flow.from_model_timestep(t)
+        return x, t
 
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         """UNet-space samples -> images in [0, 1]."""

@@ -140,8 +140,9 @@ class AdvUnlearn(Method):
         if not task.has_cross_attention:
             raise EraseError(self.NO_TEXT)
         if not getattr(task, "one_text_encoder", True):
-            raise EraseError("advunlearn trains one CLIP text encoder; SDXL conditions on two encoders plus a pooled "
-                             "embedding, which advunlearn does not support yet: use esd-x, esd-u, uce, rece, ca or fmn")
+            raise EraseError("advunlearn trains one CLIP text encoder; SDXL and SD3 condition on several encoders plus a "
+                             "pooled embedding, which advunlearn does not support yet: use esd-x, esd-u, uce, rece, ca or "
+                             "salun")
         if task.trains_adapters:
             raise EraseError(self.NO_LORA)
 

@@ -17,8 +17,8 @@ from erase.attacks import get_attack, list_attacks
 from erase.attacks.base import Attack
 from erase.diffusion.concepts import make_concepts
 from erase.diffusion.evaluation import EVAL_SEED
-from erase.diffusion.loading import model_kind
-from erase.diffusion.task import FMNIST_MODELS, DiffusionConfig
+from erase.diffusion.loading import is_fmnist, model_kind
+from erase.diffusion.task import DiffusionConfig
 from erase.errors import EraseError
 from erase.fields import flag_name
 from erase.prompts import PromptRow, load_prompts
@@ -188,7 +188,7 @@ def _convert(kind, text: str, item: str):
 
 
 def _fmnist(cfg: DiffusionConfig) -> bool:
-    return Path(cfg.model).name in FMNIST_MODELS or cfg.model in FMNIST_MODELS
+    return is_fmnist(cfg.model)
 
 
 def prompt_rows(cfg: DiffusionConfig, prompts: str | None, limit: int) -> tuple[list[PromptRow], str]:

@@ -1,0 +1,231 @@
+"""SD3 end to end on a tiny random StableDiffusion3Pipeline saved without T5: loading, flow-matching conditioning and
+targets, the methods, export and reload with the plain diffusers class, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import erase
+from erase.cli import run_cli
+from erase.diffusion.layers import layer_map
+from erase.engine import LoopSettings, run_method
+from erase.train import main as train_main
+from tests.test_diffusion import FAST, _ctx
+from tests.tiny_diffusion import tiny_sd3
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3-models")
+    os.environ["ERASE_CACHE"] = str(root / "cache")
+    return tiny_sd3(root / "sd3", qk_norm="rms_norm")
+
+
+def _task(folder, streams=("forget", "retain"), **kw):
+    from erase.diffusion.task import DiffusionConfig, DiffusionTask
+
+    cfg = DiffusionConfig(model=str(folder), concept="garbage truck", n_forget=4, n_retain=4, sample_steps=2,
+                          eval_images=2, retain_concepts="church,parachute", **kw)
+    return DiffusionTask(cfg, seed=0, streams=streams)
+
+
+def _pipe(folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+
+
+def test_loads_as_sd3_with_pooled_conditions(sd3):
+    from erase.diffusion.conditioning import PooledText
+    from erase.diffusion.loading import model_kind
+
+    assert model_kind(str(sd3)) == "sd3"
+    task = _task(sd3)
+    assert task.kind == "sd3" and task.has_cross_attention and not task.one_text_encoder
+    assert task.resolution == 16 and task.flow is not None  # transformer sample_size 8 x VAE factor 2
+    assert type(task.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert task.base.pipe.text_encoder_3 is None
+    cond = task.encode(["a photo of a garbage truck"])
+    # 77 CLIP tokens (32 + 32 side by side, padded to T5's width 64) + 256 zero rows where T5 would be.
+    assert isinstance(cond, PooledText) and cond.embeds.shape == (1, 77 + 256, 64) and cond.pooled.shape == (1, 64)
+    assert not cond.embeds[:, 77:].any()
+    pipe = task.base.pipe
+    ids = pipe.tokenizer(["a photo of a garbage truck"], padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        o1, o2 = (enc(ids, output_hidden_states=True) for enc in (pipe.text_encoder, pipe.text_encoder_2))
+    torch.testing.assert_close(cond.embeds[:, :77], torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1))
+    torch.testing.assert_close(cond.pooled, torch.cat([o1.text_embeds, o2.text_embeds], -1))
+    # SD3 guides against the encoded empty prompt, not zeros (no force_zeros_for_empty_prompt).
+    null = task.null_condition(2, "cpu")
+    torch.testing.assert_close(null[:1].pooled, task.encode([""]).pooled)
+    assert null.pooled.any()
+    assert task.forget_set.latents.shape == (4, 4, 8, 8)
+
+
+def test_flow_matching_noise_target_and_timesteps(sd3):
+    """x_t = (1 - s) x0 + s noise with SD3's shifted schedule, velocity target, and the transformer reads s * 1000."""
+    task = _task(sd3, streams=())
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([0, 999])
+    s = torch.tensor([3 * 0.001 / (1 + 2 * 0.001), 1.0])  # shift 3: s' = 3 s / (1 + 2 s), s = (t + 1) / 1000
+    torch.testing.assert_close(task.add_noise(x0, noise, t), (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise)
+    torch.testing.assert_close(task.denoising_target(x0, noise, t), noise - x0)
+    model, cond = task.base.unet, task.concept_condition(2, "cpu")
+    with torch.no_grad():
+        want = model(hidden_states=x0, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
+                     timestep=s * 1000).sample
+        torch.testing.assert_close(task.predict(model, x0, t, cond), want)
+    # A partial sample comes back with the t whose noise level is the sampler's: the model then reads exactly
+    # the scheduler's timestep value.
+    x_t, t_mid = task.partial_sample(model, 1, 1, 3, 3.0, [5])
+    task.scheduler.set_timesteps(3)
+    torch.testing.assert_close(task.flow.model_timestep(t_mid), task.scheduler.timesteps[1].float())
+    assert x_t.shape == (1, 4, 8, 8)
+
+
+def test_task_loss_is_the_flow_matching_loss(sd3):
+    task = _task(sd3, streams=("forget",))
+    model = task.base.unet
+    batch = {"latents": task.forget_set.latents[:2], "prompt": task.forget_set.prompt[:2]}
+    torch.manual_seed(3)
+    got = task.loss(model, batch)
+    torch.manual_seed(3)
+    x0 = batch["latents"]
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, 1000, (2,))
+    with torch.no_grad():
+        pred = task.predict(model, task.add_noise(x0, noise, t), t, task.condition(batch["prompt"]))
+    torch.testing.assert_close(got.detach(), torch.nn.functional.mse_loss(pred, noise - x0))
+
+
+CASES = ["salun", "salun_soft", "rl", "ga", "ga_plus", "ft", "l1_sparse", "esd-x", "esd-u", "ca"]
+
+
+@pytest.mark.parametrize("method", CASES)
+def test_method_two_steps(sd3, tmp_path, method):
+    task = _task(sd3)
+    cls = erase.get_method(method, "diffusion")
+    ctx = _ctx(task, tmp_path)
+    lmap = layer_map(ctx.model)
+    before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    cfg = cls.Config(**{**cls.task_defaults.get("diffusion", {}), "max_steps": 2, "batch_size": 2, "lr": 1e-3,
+                        **({"anchor": "church"} if method == "ca" else {})})
+    if hasattr(cfg, "ddim_steps"):
+        cfg.ddim_steps = 3
+    m = cls(cfg)
+    m.check_task(task)
+    run_method(m, ctx, LoopSettings(progress=False, log_every=1))
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(v)) for r in logs for k, v in r.items() if k != "phase")
+    after = dict(ctx.unwrapped.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed, "nothing changed"
+    text = {n for n in before if lmap.is_text_attention(n)}
+    assert text
+    if method == "esd-x":
+        assert changed <= text
+    if method == "ca":
+        assert all(".attn.add_k_proj." in n or ".attn.add_v_proj." in n for n in changed)
+    if method == "esd-u":
+        assert not changed & text
+    masks = m.parameter_masks(ctx)
+    for n, mask in (masks or {}).items():
+        assert torch.equal(after[n].detach()[~mask], before[n][~mask]), n
+
+
+def _transformer(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_erased_sd3_reloads_with_diffusers(sd3, tmp_path):
+    out = tmp_path / "run"
+    args = ["--concept", "garbage truck", "--method", "esd-x", "--model", str(sd3), "--retain-concepts", "church",
+            "--max-steps", "2", "--ddim-steps", "3", "--lr", "1e-2", "--output-dir", str(out), *FAST]
+    assert run_cli(train_main, args) == 0
+    before, after = _transformer(sd3), _transformer(out / "model")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    lmap = layer_map(_pipe(sd3).transformer)
+    assert changed and all(lmap.is_text_attention(k) for k in changed)
+    readme = (out / "README.md").read_text()
+    assert "StableDiffusion3Pipeline.from_pretrained(\"model\", text_encoder_3=None, tokenizer_3=None)" in readme
+    index = json.loads((out / "model" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline" and index["text_encoder_3"] == [None, None]
+    img = _pipe(out / "model")("a photo of a church", num_inference_steps=2, output_type="pt").images
+    assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "after" in metrics
+
+
+@pytest.mark.parametrize("fmt", ["lora", "delta"])
+def test_lora_and_delta_exports_apply_to_the_sd3_pipeline(sd3, tmp_path, fmt):
+    from erase.diffusion.export import load_delta
+
+    out = tmp_path / fmt
+    args = ["--concept", "garbage truck", "--method", "esd-x", "--model", str(sd3), "--retain-concepts", "church",
+            "--max-steps", "2", "--ddim-steps", "3", "--lr", "1e-2", "--save-format", fmt, "--output-dir", str(out),
+            *FAST]
+    assert run_cli(train_main, args) == 0
+    pipe = _pipe(sd3)
+    before = {n: p.clone() for n, p in pipe.transformer.named_parameters()}
+    if fmt == "lora":
+        pipe.load_lora_weights(out / "lora")
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    else:
+        assert load_delta(pipe, out / "delta.safetensors") > 0
+    changed = [n for n, p in pipe.transformer.named_parameters() if n in before and not torch.equal(p, before[n])]
+    lmap = layer_map(pipe.transformer)
+    assert changed and all(lmap.is_text_attention(n) for n in changed), changed
+
+
+def test_resolution_flag_is_a_multiple_of_the_patch(sd3):
+    task = _task(sd3, streams=("forget",), resolution=8)  # VAE factor 2 x patch 1
+    assert task.resolution == 8 and task.forget_set.latents.shape == (4, 4, 4, 4)
+    with pytest.raises(erase.EraseError, match="larger than this transformer's position embedding allows .16 px"):
+        _task(sd3, streams=(), resolution=24)
+    task.base.pipe.vae_scale_factor = 16
+    with pytest.raises(erase.EraseError, match="multiple of 16 for this model .*patch size"):
+        task._resolution()
+
+
+def test_token_level_work_is_refused_on_sd3(sd3):
+    task = _task(sd3, streams=())
+    with pytest.raises(erase.EraseError, match="SD3"):
+        task.token_ids(["a photo"])
+    cls = erase.get_method("advunlearn", "diffusion")
+    with pytest.raises(erase.EraseError, match="SD3"):
+        cls(cls.Config()).check_task(task)
+    from erase.attacks import get_attack, list_attacks
+
+    for name in list_attacks():
+        attack = get_attack(name)
+        with pytest.raises(erase.EraseError, match="SD3"):
+            attack(attack.Config()).check_task(task)
+
+
+def test_generate_renders_sd3_prompts(sd3):
+    from erase.diffusion.generation import Job, load_generator, render
+    from erase.prompts import PromptRow
+
+    model = load_generator(str(sd3), "cpu")
+    jobs = [Job("base", PromptRow("0", "a photo of a church", 3, 5.0), k, 5.0) for k in range(2)]
+    images = render(model, jobs, 2)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    again = render(model, jobs[1:], 2)
+    torch.testing.assert_close(again[0], images[1])
+
+
+@pytest.mark.parametrize("method", ["fmn"])
+def test_methods_that_cannot_apply_refuse_in_one_line_before_work(sd3, tmp_path, method):
+    out = tmp_path / "run"
+    args = ["--concept", "garbage truck", "--method", method, "--model", str(sd3), "--output-dir", str(out), *FAST]
+    assert run_cli(train_main, args) == 2
+    assert not (out / "model").exists()
