@@ -214,14 +214,22 @@ def test_closed_form_projections_equal_the_attn2_filter(edit, ends):
     assert old and kv_projections(layer_map(unet), unet, edit) == old
 
 
-def test_closed_form_refuses_joint_attention():
-    from erase.methods.uce import kv_projections
+@pytest.mark.parametrize("build", [sd3, flux])
+def test_closed_form_on_joint_attention_edits_the_layers_that_read_the_encoders(build):
+    """No MMDiT key/value projection reads the encoders' output: the edit goes to context_embedder (tokens) and the
+    pooled embedder's first linear, the only layers that do; --edit v has no value-only layer there."""
+    from erase.methods.uce import kv_projections, pooled_projections
 
-    model = sd3()
-    with pytest.raises(EraseError, match="sd3-mmdit denoiser they read a text stream"):
-        kv_projections(layer_map(model), model, "kv")
+    model = build()
+    lmap = layer_map(model)
+    assert [n for n, _ in kv_projections(lmap, model, "kv")] == ["context_embedder"]
+    assert [n for n, _ in pooled_projections(lmap, model)] == ["time_text_embed.text_embedder.linear_1"]
+    assert kv_projections(lmap, model, "kv")[0][1].in_features == model.config.joint_attention_dim
+    with pytest.raises(EraseError, match="--edit v .* use --edit kv"):
+        kv_projections(lmap, model, "v")
     with pytest.raises(EraseError, match="no text cross-attention key/value projections"):
         kv_projections(layer_map(ddpm()), ddpm(), "kv")
+    assert pooled_projections(layer_map(sd_unet()), sd_unet()) == []
 
 
 def test_no_method_names_a_module_path():

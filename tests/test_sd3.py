@@ -223,6 +223,33 @@ def test_generate_renders_sd3_prompts(sd3):
     torch.testing.assert_close(again[0], images[1])
 
 
+@pytest.mark.parametrize("method", ["uce", "rece"])
+def test_closed_form_edits_the_layers_that_read_the_text_and_reloads(sd3, tmp_path, method):
+    """UCE / RECE adapted to SD3: the edit lands on context_embedder and the pooled embedder's first linear only, and
+    (UCE, erase scale 100) the edited context_embedder maps the concept's last token where the old one mapped the
+    guide's (the empty prompt's), and keeps a preserved concept's token where it was."""
+    out = tmp_path / "run"
+    args = ["--concept", "garbage truck", "--method", method, "--model", str(sd3), "--retain-concepts",
+            "church,parachute", "--output-dir", str(out), "--erase-scale", "100", *FAST]
+    assert run_cli(train_main, args) == 0
+    before, after = _transformer(sd3), _transformer(out / "model")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight"}
+    assert all(torch.isfinite(after[k]).all() for k in changed)
+    if method == "uce":
+        task = _task(sd3, streams=())
+        blocks = task.text_segments(["garbage truck", "", "church"])
+        assert len(blocks) == 1  # no T5 in this pipeline: its zero rows are left out
+        emb, mask = blocks[0]
+        last = mask.sum(-1) - 2
+        concept, guide, kept = (emb[i, last[i]] for i in range(3))
+        w0, w1 = before["context_embedder.weight"].float(), after["context_embedder.weight"].float()
+        assert (w1 @ concept - w0 @ guide).norm() < 0.1 * (w0 @ concept - w0 @ guide).norm()
+        assert (w1 @ kept - w0 @ kept).norm() < 0.1 * (w0 @ kept).norm()
+    img = _pipe(out / "model")("a photo of a church", num_inference_steps=2, output_type="pt").images
+    assert torch.isfinite(img).all()
+
+
 @pytest.mark.parametrize("method", ["fmn"])
 def test_methods_that_cannot_apply_refuse_in_one_line_before_work(sd3, tmp_path, method):
     out = tmp_path / "run"

@@ -24,7 +24,10 @@ stream: ``to_q/to_k/to_v/to_out`` for image tokens, ``add_q_proj/add_k_proj/add_
 stream; its keys and values are ``add_k_proj`` / ``add_v_proj``, through which the image tokens see
 the text. Unlike SD's they read the *text stream's* hidden states, which each block updates
 (``context_embedder`` projects the encoders' output once, then attention and ``ff_context`` change
-it), so ``kv_read_text_embedding`` is False and closed-form edits refuse this family. SD 3.5's
+it), so ``kv_read_text_embedding`` is False. The layers that do read the encoders' output are
+``context_embedder`` (every text token, once, before the first block) and the pooled text's
+``time_text_embed.text_embedder.linear_1`` (into the adaLN conditioning of every block): the map's
+``text_inputs`` / ``pooled_inputs``, where UCE / RECE apply their closed form on this family. SD 3.5's
 dual-attention blocks (``dual_attention_layers``) add an ``attn2`` that is *self-attention over
 image tokens* — not text attention, whatever its name suggests on a UNet. Text encoders:
 ``text_encoder``, ``text_encoder_2`` (CLIP) and ``text_encoder_3`` (T5).
@@ -38,8 +41,9 @@ text and image tokens, so no parameter there is text-only. They are therefore *n
 ``esd-x`` leaves them alone (training them would change how every image token is processed, which
 is ``esd-u``'s unconditional erasure, not ``esd-x``'s prompt-specific one) and ``esd-u`` trains them.
 Their attention still has text tokens among its keys, so they are recording points with the
-double-stream blocks. Keys/values read the text stream as in SD3. Text encoders: ``text_encoder``
-(CLIP, pooled) and ``text_encoder_2`` (T5).
+double-stream blocks. Keys/values read the text stream as in SD3, and the layers that read the encoders' output have
+SD3's names (``context_embedder`` for T5's tokens, ``time_text_embed.text_embedder.linear_1`` for
+CLIP's pooled embedding). Text encoders: ``text_encoder`` (CLIP, pooled) and ``text_encoder_2`` (T5).
 
 **ddpm-unet** — ``UNet2DModel`` (class-conditional DDPM): no text; its ``AttnDownBlock2D`` attention
 is self-attention. Every text question answers "none".
@@ -91,6 +95,8 @@ SD3_MMDIT = LayerMap(
     text_keys=("transformer_blocks.*.attn.add_k_proj",),
     text_values=("transformer_blocks.*.attn.add_v_proj",),
     kv_read_text_embedding=False,
+    text_inputs=("context_embedder",),
+    pooled_inputs=("time_text_embed.text_embedder.linear_1",),
     attention_processors=("transformer_blocks.*.attn",),  # not attn2: SD 3.5's second attention is image-only
     records_attention=False,
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
@@ -104,6 +110,8 @@ FLUX = LayerMap(
     text_keys=("transformer_blocks.*.attn.add_k_proj",),
     text_values=("transformer_blocks.*.attn.add_v_proj",),
     kv_read_text_embedding=False,
+    text_inputs=("context_embedder",),
+    pooled_inputs=("time_text_embed.text_embedder.linear_1",),
     attention_processors=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
     records_attention=False,
     text_encoders=("text_encoder", "text_encoder_2"),

@@ -234,9 +234,34 @@ class DiffusionTask(DenoisingTask):
         return embeds.detach()
 
     def cross_attention_text(self, prompts: list[str]) -> torch.Tensor:
-        """(N, L, D): the token embeddings that the text cross-attention's keys and values read for ``prompts``
-        (SD: the encoder's output; SDXL: both encoders' penultimate states, concatenated), for closed-form edits."""
+        """(N, L, D): the token embeddings that the denoiser's text projections read for ``prompts`` (SD: the
+        encoder's output; SDXL: both encoders' penultimate states, concatenated; SD3: those of both CLIPs, then
+        T5's or its zero rows), for closed-form edits."""
         return token_embeddings(self.encode(prompts))
+
+    def text_segments(self, prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`cross_attention_text` cut into one (N, L_i, D) block per tokenizer with its (N, L_i) attention
+        mask, so token positions (a prompt's last word) are read with the tokenizer that made them: SD/SDXL one
+        CLIP block; SD3 the CLIP block and, when the pipeline has T5, T5's block (without T5 its rows are zeros,
+        which no edit can move, and are left out)."""
+        pipe = self.base.pipe
+        embeds = self.cross_attention_text(prompts)
+
+        def mask(tok, n: int) -> torch.Tensor:
+            return tok(prompts, padding="max_length", max_length=n, truncation=True,
+                       return_tensors="pt").attention_mask.to(embeds.device)
+
+        n_clip = pipe.tokenizer.model_max_length
+        blocks = [(embeds[:, :n_clip], mask(pipe.tokenizer, n_clip))]
+        if self.kind == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
+            n_t5 = embeds.shape[1] - n_clip
+            blocks.append((embeds[:, n_clip:], mask(pipe.tokenizer_3, n_t5)))
+        return blocks
+
+    def pooled_text(self, prompts: list[str]) -> torch.Tensor | None:
+        """(N, P) pooled text embeddings of ``prompts`` (SDXL, SD3), or None for a condition without one."""
+        cond = self.encode(prompts)
+        return cond.pooled if isinstance(cond, PooledText) else None
 
     def _prompt_table(self, prompts: list[str]) -> Condition:
         """:meth:`encode` of the task's prompts, with the empty prompt as the pipeline guides against it: SDXL

@@ -59,6 +59,11 @@ class LayerMap:
     # Whether those key/value projections read the text encoder's output itself (the same input in every layer),
     # which is what a closed-form edit (UCE, RECE) assumes; False where they read a text stream that blocks update.
     kv_read_text_embedding: bool = False
+    # Where kv_read_text_embedding is False: the linear layers that do read the text encoders' token embeddings
+    # (an MMDiT's ``context_embedder``), and those that read the pooled text embedding; a closed-form edit of
+    # these is the adaptation of UCE / RECE to such a family (see erase/methods/uce.py).
+    text_inputs: tuple[str, ...] = ()
+    pooled_inputs: tuple[str, ...] = ()
     # Attention processors whose attention includes text tokens as keys (where text-token attention can be recorded).
     attention_processors: tuple[str, ...] = ()
     # Whether erase's attention store can record them yet (the processors differ per family).
@@ -89,6 +94,10 @@ class LayerMap:
         """The text key/value projections of ``model`` (``nn.Linear`` modules named by the patterns themselves, not
         layers inside them), in module order."""
         patterns = tuple(p for kind in kinds for p in {"k": self.text_keys, "v": self.text_values}[kind])
+        return self.linear_layers(model, patterns)
+
+    def linear_layers(self, model: nn.Module, patterns: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
+        """The ``nn.Linear`` modules of ``model`` whose names end in one of ``patterns``, in module order."""
         return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and _find(n, patterns, at_end=True)]
 
     def attention_processor_names(self, model: nn.Module) -> list[str]:

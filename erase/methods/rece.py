@@ -78,10 +78,10 @@ class RECE(_ClosedForm):
         pairs, preserve = self._plan(ctx.task)
         keep_empty = "" in preserve
         enc = self._encode(ctx.task, [p for pair in pairs for p in pair] + [""])
-        guide = torch.cat([enc[g][0] for _, g in pairs])
-        keep = torch.cat([enc[""][0]] * len(pairs)) if keep_empty else guide.new_zeros(0, guide.shape[1])
+        guide = torch.cat([self.all_rows(enc[g]) for _, g in pairs])
+        keep = torch.cat([self.all_rows(enc[""])] * len(pairs)) if keep_empty else guide.new_zeros(0, guide.shape[1])
         for _ in range(int(cfg.epochs)):
             C = rece_map([lin.weight for _, lin in layers], originals, cfg.reg)
-            adversarial = torch.cat([enc[e][0].to(C.dtype) @ C.T for e, _ in pairs])
+            adversarial = torch.cat([self.all_rows(enc[e]).to(C.dtype) @ C.T for e, _ in pairs])
             T = uce_map(adversarial, guide, keep, cfg.rece_lamb, cfg.erase_scale, cfg.rece_preserve_scale)
             self.edit_layers(layers, T)

@@ -24,6 +24,20 @@ What is erased, guided and preserved:
 * preserve: the run's retain concepts (``--retain-concepts``, or the task's default set) plus the
   empty prompt, so classifier-free guidance's unconditional branch is unchanged (the paper-era
   script always keeps ''); ``--preserve none`` keeps nothing (the current script's default).
+
+Adaptation to MMDiT families (SD3, FLUX; erase's own, not in the paper). UCE rests on every edited
+projection reading the text encoder's output itself, so one solved map T (W <- W T) moves the
+concept's tokens onto the guide's everywhere. In a joint-attention transformer no key/value
+projection reads that output: each block's text-stream ``add_k_proj`` / ``add_v_proj`` reads a
+stream the blocks update with image information and the timestep. The layers that do read it are
+``context_embedder`` (every text token, once, before the first block) and the pooled text's
+``time_text_embed.text_embedder.linear_1`` (the adaLN conditioning of every block) — the layer
+map's ``text_inputs`` / ``pooled_inputs``. UCE's closed form is applied to those two, with the same
+λ and scales: token rows as above (SD3: the CLIP block, and T5's block with its own tokenizer's
+positions when the pipeline has T5; without T5 its rows are zeros and are left out), pooled rows one
+per prompt. Every block then reads the guide's text where it read the concept's, which is what
+UCE's per-layer K/V edit achieves on SD. ``--edit v`` has no meaning there and is refused. RECE's
+adversarial rounds run on ``context_embedder`` alone (its Eq. for c' is over the token projections).
 """
 
 from __future__ import annotations
@@ -73,18 +87,30 @@ def _split(text: str) -> list[str]:
 
 
 def kv_projections(lmap: LayerMap, model: nn.Module, edit: str) -> list[tuple[str, nn.Linear]]:
-    """The text cross-attention projections of ``model`` to edit (keys and values, or values), in module order,
-    as its layer map ``lmap`` (``DenoisingTask.layer_map``) names them.
+    """The projections of ``model`` that the closed form edits (keys and values, or values), in module order, as its
+    layer map ``lmap`` (``DenoisingTask.layer_map``) names them.
 
     The closed form solves one map for all of them, which holds only where every projection reads the text
-    encoder's output itself (the layer map's ``kv_read_text_embedding``)."""
+    encoder's output itself (the layer map's ``kv_read_text_embedding``). Where keys and values read a text stream
+    that blocks update (SD3 / FLUX), the layers that read the encoders' output are the map's ``text_inputs``
+    (``context_embedder``): the edit goes there (module docstring)."""
     if lmap.reads_text and not lmap.kv_read_text_embedding:
-        raise EraseError(f"the closed-form edit needs key/value projections that read the text encoder's output; in a "
-                         f"{lmap.family} denoiser they read a text stream that every block updates (not supported)")
+        if not lmap.text_inputs:
+            raise EraseError(f"the closed-form edit needs layers that read the text encoder's output; a {lmap.family} "
+                             "denoiser's layer map names none (not supported)")
+        if edit == "v":
+            raise EraseError(f"--edit v edits value projections that read the text embedding; a {lmap.family} denoiser "
+                             "has none (its context_embedder feeds keys and values alike): use --edit kv")
+        return lmap.linear_layers(model, lmap.text_inputs)
     found = lmap.text_projections(model, ("k", "v") if edit == "kv" else ("v",))
     if not found:
         raise EraseError("the model has no text cross-attention key/value projections to edit")
     return found
+
+
+def pooled_projections(lmap: LayerMap, model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The layers that read the pooled text embedding (SD3 / FLUX: the pooled embedder's first linear), else []."""
+    return lmap.linear_layers(model, lmap.pooled_inputs) if lmap.pooled_inputs else []
 
 
 class _ClosedForm(Method):
@@ -156,28 +182,45 @@ class _ClosedForm(Method):
 
     @staticmethod
     @torch.no_grad()
-    def _encode(task, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """prompt -> ((77, d) float32 text embedding, (77,) attention mask), each distinct prompt encoded once.
+    def _encode(task, prompts: list[str]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """prompt -> its token blocks, each ((L, d) float32 text embedding, (L,) attention mask); every distinct
+        prompt is encoded once.
 
-        The embedding is what the K/V projections read (``task.cross_attention_text``): on SDXL both text
-        encoders' concatenated penultimate states; both tokenizers give the same tokens, so one mask serves."""
+        The embedding is what the edited projections read (``task.text_segments``): SD one CLIP block; SDXL both
+        encoders' concatenated penultimate states (both tokenizers give the same tokens, so one mask serves); SD3
+        the CLIP block and, with T5, T5's block with its own tokenizer's mask."""
         unique = list(dict.fromkeys(prompts))
-        tok = task.base.pipe.tokenizer
-        masks = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                    return_tensors="pt").attention_mask
-        embeds = torch.cat([task.cross_attention_text(unique[i:i + 64]) for i in range(0, len(unique), 64)]).float()
-        return {p: (embeds[i], masks[i].to(embeds.device)) for i, p in enumerate(unique)}
+        blocks = [task.text_segments(unique[i:i + 64]) for i in range(0, len(unique), 64)]
+        per_block = [(torch.cat([b[k][0] for b in blocks]).float(), torch.cat([b[k][1] for b in blocks]))
+                     for k in range(len(blocks[0]))]
+        return {p: [(emb[i], mask[i]) for emb, mask in per_block] for i, p in enumerate(unique)}
+
+    @staticmethod
+    def all_rows(blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Every token row of a prompt's blocks, one after the other."""
+        return torch.cat([emb for emb, _ in blocks])
 
     def uce_rows(self, task) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Erase, guide and preserve token rows (float32) and the number of preserve prompts."""
         pairs, preserve = self._plan(task)
         enc = self._encode(task, [p for pair in pairs for p in pair] + preserve)
         mode = self.config.tokens
-        rows = [aligned_rows(*enc[e], *enc[g], mode) for e, g in pairs]
+        rows = [aligned_rows(*be, *bg, mode) for e, g in pairs for be, bg in zip(enc[e], enc[g])]
         erase = torch.cat([r[0] for r in rows])
         guide = torch.cat([r[1] for r in rows])
-        keep = [preserve_rows(*enc[p], mode) for p in preserve]
+        keep = [preserve_rows(*b, mode) for p in preserve for b in enc[p]]
         keep = torch.cat(keep) if keep else erase.new_zeros(0, erase.shape[1])
+        return erase, guide, keep, len(preserve)
+
+    @torch.no_grad()
+    def pooled_rows(self, task) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Erase, guide and preserve rows of the pooled text embedding: one per prompt."""
+        pairs, preserve = self._plan(task)
+        prompts = list(dict.fromkeys([p for pair in pairs for p in pair] + preserve))
+        table = dict(zip(prompts, task.pooled_text(prompts).float()))
+        erase = torch.stack([table[e] for e, _ in pairs])
+        guide = torch.stack([table[g] for _, g in pairs])
+        keep = torch.stack([table[p] for p in preserve]) if preserve else erase.new_zeros(0, erase.shape[1])
         return erase, guide, keep, len(preserve)
 
     @staticmethod
@@ -193,11 +236,17 @@ class _ClosedForm(Method):
             lin.weight.copy_(new)
 
     def uce(self, ctx, layers: list[tuple[str, nn.Linear]]) -> None:
-        """The UCE edit of ``layers`` (projections of ``ctx.unwrapped``) in place."""
+        """The UCE edit of ``layers`` (projections of ``ctx.unwrapped``) in place, and on families whose pooled text
+        has its own input layer (SD3 / FLUX), the same edit of that layer on the pooled rows."""
         cfg = self.config
         erase, guide, keep, n_preserve = self.uce_rows(ctx.task)
         T = uce_map(erase, guide, keep, cfg.lamb, cfg.erase_scale, self.effective_preserve_scale(n_preserve))
         self.edit_layers(layers, T)
+        pooled = pooled_projections(ctx.task.layer_map(ctx.unwrapped), ctx.unwrapped)
+        if pooled:
+            erase, guide, keep, n_preserve = self.pooled_rows(ctx.task)
+            T = uce_map(erase, guide, keep, cfg.lamb, cfg.erase_scale, self.effective_preserve_scale(n_preserve))
+            self.edit_layers(pooled, T)
 
 
 @register_method("uce")
