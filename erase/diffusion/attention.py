@@ -1,11 +1,18 @@
-"""Store cross-attention probabilities through diffusers attention processors.
+"""Store text-token attention probabilities through diffusers attention processors.
 
-``AttentionStore`` installs a :class:`StoringAttnProcessor` on every attention processor where the
-model's layer map (``erase.diffusion.layers``) records text-token attention — SD's cross-attention
-(``attn2``) — the way diffusers' attend-and-excite pipeline observes attention, not a
-monkeypatched forward. The processor is diffusers' own ``AttnProcessor``; while the store is
-recording, it captures what ``Attention.get_attention_scores`` returns (the softmax maps of shape
-(batch·heads, queries, tokens)). ``remove()`` puts the original processors back.
+``AttentionStore`` installs a recording processor on every attention processor where the model's
+layer map (``erase.diffusion.layers``) records text-token attention, the way diffusers'
+attend-and-excite pipeline observes attention, not a monkeypatched forward. Every stored map has the
+shape (batch·heads, image queries, text tokens):
+
+* SD / SDXL cross-attention (``attn2``): :class:`StoringAttnProcessor`, diffusers' own ``AttnProcessor``
+  while it captures what ``Attention.get_attention_scores`` returns;
+* SD3 joint attention (``transformer_blocks.*.attn``): :class:`StoringJointAttnProcessor`, the joint
+  attention written out (:mod:`erase.diffusion.joint_attention`); stored is the block of the softmax
+  where image-token queries meet text-token keys (its rows do not sum to one: the image tokens share
+  each query's attention with the text).
+
+``remove()`` puts the original processors back.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
+from erase.diffusion.joint_attention import joint_attention
 from erase.diffusion.layers import denoiser_of, layer_map
 from erase.errors import EraseError
 
@@ -35,9 +43,10 @@ class AttentionStore:
         points = set(lmap.attention_processor_names(unet))
         if not points:
             raise EraseError(f"this {type(unet).__name__} has no text cross-attention layers to observe")
+        recorder = StoringJointAttnProcessor if lmap.family == "sd3-mmdit" else StoringAttnProcessor
         self._unet = unet
         self._original = dict(unet.attn_processors)
-        unet.set_attn_processor({name: (StoringAttnProcessor(self, name) if name in points else proc)
+        unet.set_attn_processor({name: (recorder(self, name) if name in points else proc)
                                  for name, proc in self._original.items()})
         return self
 
@@ -72,11 +81,29 @@ class StoringAttnProcessor(AttnProcessor):
             del attn.get_attention_scores  # the class method shows through again
 
 
-def token_positions(tokenizer, prompt: str, concept: str) -> list[int]:
-    """Positions (in the 77-token sequence, BOS at 0) of the concept's tokens inside ``prompt``."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+class StoringJointAttnProcessor:
+    """SD3 joint attention that, while the store records, keeps the image-query x text-key probabilities."""
+
+    def __init__(self, store: AttentionStore, name: str):
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        n_image = hidden_states.shape[1]
+
+        def keep(probs: torch.Tensor) -> None:
+            part = probs[:, :, :n_image, n_image:]
+            self.store.maps[self.name] = part.reshape(-1, *part.shape[2:])
+
+        return joint_attention(attn, hidden_states, encoder_hidden_states,
+                               on_probs=keep if self.store.recording else None)
+
+
+def token_positions(tokenizer, prompt: str, concept: str, length: int | None = None) -> list[int]:
+    """Positions (in the padded sequence of ``length`` tokens, default the tokenizer's maximum; CLIP's BOS at 0)
+    of the concept's tokens inside ``prompt``."""
+    ids = tokenizer(prompt, padding="max_length", max_length=length or tokenizer.model_max_length, truncation=True).input_ids
     sub = tokenizer(concept, add_special_tokens=False).input_ids
-    for i in range(1, len(ids) - len(sub) + 1):
+    for i in range(len(ids) - len(sub) + 1):
         if ids[i:i + len(sub)] == sub:
             return list(range(i, i + len(sub)))
     return []

@@ -48,11 +48,11 @@ CLIP's pooled embedding). Text encoders: ``text_encoder`` (CLIP, pooled) and ``t
 **ddpm-unet** — ``UNet2DModel`` (class-conditional DDPM): no text; its ``AttnDownBlock2D`` attention
 is self-attention. Every text question answers "none".
 
-Recording text-token attention (``erase.diffusion.attention``) is implemented for sd-unet only:
-there the store swaps in diffusers' classic ``AttnProcessor``, which materialises the attention
-probabilities. diffusers' joint processors (``JointAttnProcessor2_0``, ``FluxAttnProcessor``) have no
-such variant — they call fused scaled-dot-product attention over both streams — so the store
-refuses sd3-mmdit and flux with an EraseError until a recording joint processor exists.
+Recording text-token attention (``erase.diffusion.attention``): on sd-unet the store swaps in
+diffusers' classic ``AttnProcessor``, which materialises the attention probabilities; on sd3-mmdit
+it swaps in SD3's joint attention written out (``erase.diffusion.joint_attention``), keeping the
+image-query x text-key block. diffusers' FLUX processor (``FluxAttnProcessor``: rotary position
+embeddings, text tokens first) has no such variant yet, so the store refuses flux with an EraseError.
 
 LoRA targets (``--lora-targets`` default): SD, the attention projections ``to_q, to_k, to_v,
 to_out.0`` (of both ``attn1`` and ``attn2``, diffusers' SD LoRA scripts); SD3 / FLUX, both streams'
@@ -98,7 +98,7 @@ SD3_MMDIT = LayerMap(
     text_inputs=("context_embedder",),
     pooled_inputs=("time_text_embed.text_embedder.linear_1",),
     attention_processors=("transformer_blocks.*.attn",),  # not attn2: SD 3.5's second attention is image-only
-    records_attention=False,
+    records_attention=True,
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
     lora_targets=_JOINT_LORA,
 )

@@ -704,15 +704,24 @@ class DiffusionTask(DenoisingTask):
 
     # -- attention, for methods that re-steer it (fmn) ---------------------------------------------------
     def concept_token_mask(self) -> torch.Tensor:
-        """Bool (prompts, tokens): the concept's token run in each forget prompt (rows of other prompts are False)."""
-        tok = self.base.pipe.tokenizer
-        mask = torch.zeros(len(self.prompts), tok.model_max_length, dtype=torch.bool)
+        """Bool (prompts, tokens): the concept's token run in each forget prompt (rows of other prompts are False).
+
+        Tokens are the condition's: SD's 77; SD3's 77 CLIP tokens then T5's block, where the concept is marked
+        too when the pipeline has T5 (without it those rows are zeros that name nothing)."""
+        pipe = self.base.pipe
+        tok = pipe.tokenizer
+        length = token_embeddings(self.embeds).shape[1]
+        mask = torch.zeros(len(self.prompts), length, dtype=torch.bool)
+        t5 = pipe.tokenizer_3 if self.kind == "sd3" and getattr(pipe, "text_encoder_3", None) is not None else None
         for i, prompt in enumerate(self.forget_prompts):
             concept = self.concepts.concepts[self.forget_concept[i]]
             pos = token_positions(tok, prompt, concept)
             if not pos:
                 raise EraseError(f"the concept {concept!r} is not a token run of the prompt {prompt!r}")
             mask[i, pos] = True
+            if t5 is not None:
+                start = tok.model_max_length
+                mask[i, [start + p for p in token_positions(t5, prompt, concept, length - start)]] = True
         return mask
 
     def record_attention(self, model) -> AttentionStore:

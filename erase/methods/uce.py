@@ -28,16 +28,16 @@ What is erased, guided and preserved:
 Adaptation to MMDiT families (SD3, FLUX; erase's own, not in the paper). UCE rests on every edited
 projection reading the text encoder's output itself, so one solved map T (W <- W T) moves the
 concept's tokens onto the guide's everywhere. In a joint-attention transformer no key/value
-projection reads that output: each block's text-stream ``add_k_proj`` / ``add_v_proj`` reads a
-stream the blocks update with image information and the timestep. The layers that do read it are
-``context_embedder`` (every text token, once, before the first block) and the pooled text's
-``time_text_embed.text_embedder.linear_1`` (the adaLN conditioning of every block) — the layer
-map's ``text_inputs`` / ``pooled_inputs``. UCE's closed form is applied to those two, with the same
+projection reads that output: each block's text-stream key/value projections read a stream the
+blocks update with image information and the timestep. The layers that do read it are the context
+embedder (every text token, once, before the first block) and the first linear of the pooled
+text's embedder (the adaLN conditioning of every block): the layer map's ``text_inputs`` /
+``pooled_inputs`` (module names in ``erase.diffusion.layers``). UCE's closed form is applied to those two, with the same
 λ and scales: token rows as above (SD3: the CLIP block, and T5's block with its own tokenizer's
 positions when the pipeline has T5; without T5 its rows are zeros and are left out), pooled rows one
 per prompt. Every block then reads the guide's text where it read the concept's, which is what
 UCE's per-layer K/V edit achieves on SD. ``--edit v`` has no meaning there and is refused. RECE's
-adversarial rounds run on ``context_embedder`` alone (its Eq. for c' is over the token projections).
+adversarial rounds run on the context embedder alone (its Eq. for c' is over the token projections).
 """
 
 from __future__ import annotations
@@ -92,15 +92,15 @@ def kv_projections(lmap: LayerMap, model: nn.Module, edit: str) -> list[tuple[st
 
     The closed form solves one map for all of them, which holds only where every projection reads the text
     encoder's output itself (the layer map's ``kv_read_text_embedding``). Where keys and values read a text stream
-    that blocks update (SD3 / FLUX), the layers that read the encoders' output are the map's ``text_inputs``
-    (``context_embedder``): the edit goes there (module docstring)."""
+    that blocks update (SD3 / FLUX), the layers that read the encoders' output are the map's ``text_inputs`` (the
+    context embedder): the edit goes there (module docstring)."""
     if lmap.reads_text and not lmap.kv_read_text_embedding:
         if not lmap.text_inputs:
             raise EraseError(f"the closed-form edit needs layers that read the text encoder's output; a {lmap.family} "
                              "denoiser's layer map names none (not supported)")
         if edit == "v":
             raise EraseError(f"--edit v edits value projections that read the text embedding; a {lmap.family} denoiser "
-                             "has none (its context_embedder feeds keys and values alike): use --edit kv")
+                             "has none (its context embedder feeds keys and values alike): use --edit kv")
         return lmap.linear_layers(model, lmap.text_inputs)
     found = lmap.text_projections(model, ("k", "v") if edit == "kv" else ("v",))
     if not found:
