@@ -41,10 +41,19 @@ class TinyText:
                                                     max_position_embeddings=77)).eval()
         self.device = torch.device("cpu")
         self.has_cross_attention = True
-        self.text_encoder = self.encoder
+        self.text_encoders = [self.encoder]
 
     def encode_ids(self, ids, token_embeds=None):
         return encode_ids(self.encoder, self.tokenizer, ids, token_embeds)
+
+    def token_table(self, encoder=None):
+        return (encoder or self.encoder).get_input_embeddings().weight.detach()
+
+    def condition_vector(self, cond):
+        return cond.flatten(1)
+
+    def vector_condition(self, x):
+        return x.reshape(len(x), 77, -1)
 
     def encode(self, prompts):
         ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
@@ -198,7 +207,7 @@ def test_search_scores_a_candidate_that_spells_a_banned_word_as_infeasible(tiny_
     banned = banned_ids(tok, CLASS_NAMES["trouser"])
     frame = Frame(tok, 2)
     with torch.no_grad():
-        target = tiny_text.encode(["trouser"])[0]
+        target = tiny_text.condition_vector(tiny_text.encode(["trouser"]))[0]
     ids = torch.tensor([[tok.convert_tokens_to_ids("tro"), tok.convert_tokens_to_ids("user</w>")],
                         [tok.convert_tokens_to_ids("blue</w>"), tok.convert_tokens_to_ids("coat</w>")]])
     scores = rab.fitness(tiny_text, frame, target, banned)(ids)

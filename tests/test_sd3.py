@@ -197,10 +197,9 @@ def test_resolution_flag_is_a_multiple_of_the_patch(sd3):
         task._resolution()
 
 
-def test_token_level_work_is_refused_on_sd3(sd3):
+def test_text_encoder_training_is_refused_on_sd3_and_attacks_are_not(sd3):
     task = _task(sd3, streams=())
-    with pytest.raises(erase.EraseError, match="SD3"):
-        task.token_ids(["a photo"])
+    assert task.token_ids(["a photo"]).shape == (1, 77)  # token-level work runs (tests/test_pooled_attacks.py)
     cls = erase.get_method("advunlearn", "diffusion")
     with pytest.raises(erase.EraseError, match="SD3"):
         cls(cls.Config()).check_task(task)
@@ -208,8 +207,7 @@ def test_token_level_work_is_refused_on_sd3(sd3):
 
     for name in list_attacks():
         attack = get_attack(name)
-        with pytest.raises(erase.EraseError, match="SD3"):
-            attack(attack.Config()).check_task(task)
+        attack(attack.Config()).check_task(task)
 
 
 def test_generate_renders_sd3_prompts(sd3):
@@ -283,3 +281,23 @@ def test_fmn_marks_the_concept_tokens_in_the_sd3_condition(sd3):
     mask = task.concept_token_mask()
     assert mask.shape == (len(task.prompts), 77 + 256)
     assert mask[0].sum() == 2 and not mask[0, 77:].any()  # "garbage truck": two CLIP tokens, no T5 rows
+
+
+def test_attack_command_runs_every_attack_on_an_erased_sd3(sd3, tmp_path):
+    """erase/attack.py on an SD3 run: all four attacks, records and robustness.json."""
+    from erase.attack import main as attack_main
+
+    out = tmp_path / "run"
+    args = ["--concept", "trouser", "--method", "uce", "--model", str(sd3), "--retain-concepts", "dress",
+            "--paraphrases", "a pair of pants", "--evaluator", "fmnist-classifier", "--output-dir", str(out), *FAST]
+    assert run_cli(train_main, args) == 0
+    tiny = ["--set", "population=4", "--set", "generations=2", "--set", "timesteps=1", "--set", "iterations=1",
+            "--set", "steps=1", "--set", "train-images=1", "--set", "concept-inversion.batch-size=1",
+            "--set", "check-every=1", "--set", "p4d.images=1", "--set", "ring-a-bell.images=1",
+            "--set", "unlearndiffatk.images=1", "--set", "concept-inversion.images=1", "--no-progress"]
+    assert run_cli(attack_main, [str(out), "--attack", "all", "--limit", "1", *tiny]) == 0
+    union = json.loads((out / "attacks" / "robustness.json").read_text())
+    assert set(union["attacks"]) == {"ring-a-bell", "unlearndiffatk", "p4d", "concept-inversion"}
+    for name in union["attacks"]:
+        records = list((out / "attacks" / name / "records").glob("*.json"))
+        assert len(records) == 1 and json.loads(records[0].read_text())["adversarial_prompt"]

@@ -56,10 +56,12 @@ class TextTask(Protocol):
     """What an attack needs from a text-to-image task (the diffusion task adapter's view for attacks).
 
     ``tokenizer`` is the model's transformers tokenizer (ids <-> text, special ids, ``model_max_length``);
-    ``text_encoder`` the base model's (its input token embeddings are what gradient attacks search);
+    ``text_encoders`` the base model's (frozen while an attack's gradients pass through them);
+    ``token_table(encoder=None)`` their input token embeddings (V, D_tok), what gradient attacks search;
     ``has_cross_attention`` says the model reads text at all (False for a class-conditional DDPM).
-    ``encode(prompts)`` is the condition the denoiser reads for each prompt, (N, L, D);
-    ``encode_ids(ids, token_embeds=None)`` the same from token ids padded to L, (N, L, D), with the
+    ``encode(prompts)`` is the condition the denoiser reads for each prompt, (N, L, D) (SDXL / SD3: a
+    ``PooledText`` of that and the pooled embedding);
+    ``encode_ids(ids, token_embeds=None)`` the same from token ids padded to L, with the
     encoder's input token embeddings optionally replaced by ``token_embeds`` (N, L, D_tok); it keeps
     gradients when called outside ``torch.no_grad`` (for attacks that optimise through the text encoder);
     ``generate(model, cond, seeds, guidance)`` images in [0, 1] on the CPU, one per seed, from one
@@ -67,13 +69,19 @@ class TextTask(Protocol):
     """
 
     tokenizer: Any
-    text_encoder: nn.Module
+    text_encoders: list
     device: torch.device
     has_cross_attention: bool
 
     def encode(self, prompts: list[str]) -> torch.Tensor: ...
 
     def encode_ids(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def token_table(self, encoder: nn.Module | None = None) -> torch.Tensor: ...
+
+    def condition_vector(self, cond) -> torch.Tensor: ...
+
+    def vector_condition(self, x: torch.Tensor): ...
 
     def generate(self, model: nn.Module, cond: torch.Tensor, seeds: list[int],
                  guidance: float | None = None) -> torch.Tensor: ...
@@ -101,9 +109,9 @@ class AttackContext:
         return self.task.encode_ids(self.task.token_ids(prompts), encoder=self.encoder).detach()
 
     def token_table(self) -> torch.Tensor:
-        """(V, D_tok) the attacked model's input token embeddings (frozen)."""
-        encoder = self.encoder if self.encoder is not None else self.task.text_encoder
-        return encoder.get_input_embeddings().weight.detach()
+        """(V, D_tok) the attacked model's input token embeddings (frozen; SDXL / SD3: both CLIP encoders' side by
+        side, see erase.diffusion.text_stack)."""
+        return self.task.token_table(self.encoder)
 
     def encode_ids(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Conditions from token ids (and replaced input token embeddings) through the attacked model's encoder."""
@@ -184,9 +192,9 @@ class Attack(ABC):
         if not text:
             raise EraseError(f"attack {self.name!r} needs a text-conditioned model (Stable Diffusion): the task "
                              "offers no tokenizer / text encoder")
-        if not getattr(task, "one_text_encoder", True):
-            raise EraseError(f"attack {self.name!r} works on one text encoder's tokens and embeddings; SDXL and SD3 "
-                             "condition on several encoders plus a pooled embedding, which the attacks do not support yet")
+        problem = task.token_access_problem() if hasattr(task, "token_access_problem") else None
+        if problem:
+            raise EraseError(f"attack {self.name!r} works on the model's text tokens: {problem}")
 
     @abstractmethod
     def run(self, row: PromptRow, ctx: AttackContext) -> AttackResult:
@@ -205,6 +213,8 @@ class Attack(ABC):
         judged = None
         if ctx.judge is not None:
             judged = [bool(v) for v in ctx.judge(images, ctx.concept_of(row)).tolist()]
+        if embedding is not None and not isinstance(embedding, torch.Tensor):  # SDXL / SD3: tokens + pooled, flat
+            embedding = ctx.task.condition_vector(embedding)[0]
         emb = None if embedding is None else embedding.detach().float().cpu()
         return AttackResult(row.case, row.prompt, text, emb, images, seeds, judged, dict(info or {}))
 

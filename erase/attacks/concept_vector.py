@@ -82,7 +82,7 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
 @torch.no_grad()
 def concept_vector(encode: Callable[[list[str]], torch.Tensor], pairs: list[tuple[str, str]],
                    batch_size: int = 64) -> torch.Tensor:
-    """c = mean_i [encode(p_i+) - encode(p_i-)], (L, D) in float32; ``encode`` maps prompts to (N, L, D)."""
+    """c = mean_i [encode(p_i+) - encode(p_i-)] in float32; ``encode`` maps prompts to (N, ...) tensors."""
     if not pairs:
         raise ValueError("a concept vector needs at least one prompt pair")
     total = None

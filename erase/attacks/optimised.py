@@ -123,7 +123,7 @@ def optimise(ctx: AttackContext, row: PromptRow, attack: str, init: torch.Tensor
     temporary = ctx.workdir is None
     folder = Path(tempfile.mkdtemp(prefix="erase-attack-")) if temporary else \
         ctx.workdir / attack / slug(row.case)
-    frozen = [m for m in (ctx.model, ctx.base, ctx.encoder, ctx.task.text_encoder) if m is not None]
+    frozen = [m for m in (ctx.model, ctx.base, ctx.encoder, *ctx.task.text_encoders) if m is not None]
     trainable = [q for m in frozen for q in m.parameters() if q.requires_grad]
     modes = [(m, m.training) for m in frozen]
     for m in frozen:  # gradients reach the parameter through them, never into them

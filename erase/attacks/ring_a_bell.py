@@ -3,7 +3,8 @@
 A model-agnostic attack that queries only the text encoder TE:
 
 1. a concept vector c = mean_i [TE(p_i+) - TE(p_i-)] from prompt pairs with and without the
-   concept (``erase.attacks.concept_vector``: token-wise, L x D);
+   concept (``erase.attacks.concept_vector``: token-wise, L x D; on SDXL / SD3, whose condition also
+   has a pooled embedding, TE is the whole condition, tokens and pooled: ``task.condition_vector``);
 2. the target Ẽ = TE(P) + η·c for the row's prompt P;
 3. a genetic search (``erase.attacks.genetic``) over K free token ids framed as
    [start, K ids, end, padding...] minimising ‖Ẽ − TE(ids)‖²_F (the sum over all L x D entries);
@@ -87,10 +88,12 @@ class RingABell(Attack):
         cfg, task = self.config, ctx.task
         concept = ctx.concept_of(row)
         with torch.no_grad():
-            target = task.encode([row.prompt])[0].float() + cfg.eta * self.vector(ctx, concept).to(task.device)
+            target = task.condition_vector(task.encode([row.prompt]))[0].float() + cfg.eta * self.vector(ctx, concept).to(
+                task.device)
         info = {"attack": self.name, "eta": cfg.eta, "continuous": cfg.continuous}
         if cfg.continuous:
-            return self.finish(row, ctx, target[None], None, target, info)
+            cond = task.vector_condition(target[None])
+            return self.finish(row, ctx, cond, None, cond[0], info)
         frame = Frame(task.tokenizer, cfg.length)
         banned = self.banned(ctx, concept)
         try:
@@ -102,7 +105,7 @@ class RingABell(Attack):
                              "--banned-words or drop --avoid-concept-words") from None
         text = frame.texts(found.ids[None])[0]
         with torch.no_grad():  # the prompt as it will be replayed: text, re-tokenised
-            replayed = float(((task.encode([text])[0].float() - target) ** 2).sum())
+            replayed = float(((task.condition_vector(task.encode([text]))[0].float() - target) ** 2).sum())
             cond = ctx.encode([text])  # through the attacked model's own text encoder, if it has one
         info.update({"fitness": found.fitness, "fitness_first_generation": found.history[0],
                      "fitness_replayed": replayed, "generations": len(found.history),
@@ -116,7 +119,7 @@ class RingABell(Attack):
 
         @torch.no_grad()
         def score(ids: torch.Tensor) -> torch.Tensor:
-            out = torch.cat([((task.encode_ids(frame.full(chunk)).float() - target) ** 2).sum((1, 2)).cpu()
+            out = torch.cat([((task.condition_vector(task.encode_ids(frame.full(chunk))).float() - target) ** 2).sum(1).cpu()
                              for chunk in ids.split(self.config.batch_size)])
             if banned:
                 ok = torch.tensor(clean(task.tokenizer, frame.texts(ids), banned), dtype=torch.bool)
@@ -130,7 +133,8 @@ class RingABell(Attack):
         key = (self.name, "vector", concept.lower(), self.config.pairs)
         if key not in ctx.state:
             pairs = read_pairs(self.config.pairs) if self.config.pairs else template_pairs(concept)
-            ctx.state[key] = concept_vector(ctx.task.encode, pairs, batch_size=64)
+            task = ctx.task
+            ctx.state[key] = concept_vector(lambda prompts: task.condition_vector(task.encode(prompts)), pairs, batch_size=64)
         return ctx.state[key]
 
     def banned(self, ctx: AttackContext, concept: str) -> set[int]:

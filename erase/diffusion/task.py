@@ -42,8 +42,9 @@ from erase.diffusion.loading import (
 )
 from erase.diffusion.outputs import RunOutputs, save_erased
 from erase.diffusion.sampling import decode_sd, encode_sd, sample_ddpm, sample_sd
-from erase.diffusion.text_encoding import encode_ids, token_ids
+from erase.diffusion.text_encoding import token_ids
 from erase.diffusion.text_model import TextConditionedUNet, denoiser
+from erase.diffusion.text_stack import TextStack
 from erase.engine.layers import LayerMap
 from erase.engine.streams import DataView
 from erase.engine.task import DenoisingTask, TaskConfig
@@ -282,13 +283,22 @@ class DiffusionTask(DenoisingTask):
     # -- text, for attacks and text-encoder methods (erase.attacks.base.TextTask) -------------------------
     @property
     def tokenizer(self):
-        self._need_one_encoder()
+        """The (first) CLIP tokenizer: every text family erase loads reads CLIP ids."""
+        self._need_text()
         return self.base.pipe.tokenizer
 
     @property
     def text_encoder(self):
+        """The one text encoder of SD 1.x/2.x (what text-encoder training copies and trains)."""
         self._need_one_encoder()
         return self.base.pipe.text_encoder
+
+    @property
+    def text_encoders(self) -> list:
+        """Every text encoder the pipeline holds (frozen parts an attack's gradients pass through)."""
+        pipe = self.base.pipe
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return [getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None] if pipe is not None else []
 
     def _need_text(self) -> None:
         if self.kind == "ddpm":
@@ -297,28 +307,62 @@ class DiffusionTask(DenoisingTask):
 
     @property
     def one_text_encoder(self) -> bool:
-        """Whether the condition is one text encoder's output (SD 1.x/2.x): what token-level work (attacks,
-        text-encoder training) needs. SDXL and SD3 read two or three encoders plus a pooled embedding; a DDPM
-        reads no text."""
+        """Whether the condition is one text encoder's output (SD 1.x/2.x): what text-encoder training needs. SDXL
+        and SD3 read two or three encoders plus a pooled embedding; a DDPM reads no text."""
         return self.kind == "sd"
 
-    ONE_ENCODER_ERROR = ("this works on one text encoder's tokens (attacks, text-encoder training such as advunlearn); "
-                         "SDXL and SD3 condition on several encoders plus a pooled embedding, which erase does not "
-                         "support for it yet: use a denoiser method (esd-x, esd-u, uce, rece, ca, salun, rl, ga, ft)")
+    ONE_ENCODER_ERROR = ("this trains one text encoder (advunlearn); SDXL and SD3 condition on several encoders plus a "
+                         "pooled embedding, which erase's text-encoder training does not support yet: use a denoiser "
+                         "method (esd-x, esd-u, uce, rece, ca, fmn, salun, rl, ga, ft)")
 
     def _need_one_encoder(self) -> None:
         self._need_text()
         if not self.one_text_encoder:
             raise EraseError(self.ONE_ENCODER_ERROR)
 
+    @property
+    def text_stack(self) -> TextStack:
+        """The CLIP encoders as one, for token-level work (:mod:`erase.diffusion.text_stack`)."""
+        self._need_text()
+        if getattr(self, "_text_stack", None) is None:
+            self._text_stack = TextStack(self.kind, self.base.pipe)
+        return self._text_stack
+
+    def token_access_problem(self) -> str | None:
+        """Why token-level work (attacks) cannot run on this model, or None when it can."""
+        if self.kind == "ddpm":
+            return "a class-conditional DDPM reads no text"
+        try:
+            _ = self.text_stack  # built here, or refused with the reason
+        except EraseError as err:
+            return str(err)
+        return None
+
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
         """(N, L) token ids of ``prompts``, padded as :meth:`encode` pads them."""
         return token_ids(self.tokenizer, prompts)
 
-    def encode_ids(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None, encoder=None) -> torch.Tensor:
-        """(N, L, D) conditions from token ids (``== encode`` of their text), optionally with the input token
-        embeddings replaced and through another ``encoder`` (a trained copy); keeps gradients."""
-        return encode_ids(encoder or self.text_encoder, self.tokenizer, ids, token_embeds)
+    def token_table(self, encoder=None) -> torch.Tensor:
+        """(V, D_tok) the input token embeddings (SDXL / SD3: both CLIP encoders' side by side), or ``encoder``'s."""
+        return self.text_stack.token_table(encoder)
+
+    def encode_ids(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None, encoder=None) -> Condition:
+        """Conditions from token ids (``== encode`` of their text), optionally with the input token embeddings
+        (N, L, D_tok) replaced and, on SD, through another ``encoder`` (a trained copy); keeps gradients."""
+        return self.text_stack.encode_ids(ids, token_embeds, encoder)
+
+    def condition_vector(self, cond: Condition) -> torch.Tensor:
+        """(N, F): each condition as one flat vector (token embeddings, then SDXL's / SD3's pooled embedding), so
+        attacks can add, subtract and measure conditions of every family alike (Ring-a-Bell)."""
+        if isinstance(cond, PooledText):
+            return torch.cat([cond.embeds.flatten(1), cond.pooled.to(cond.embeds.dtype)], dim=1)
+        return cond.flatten(1)
+
+    def vector_condition(self, x: torch.Tensor) -> Condition:
+        """The inverse of :meth:`condition_vector` for (N, F) vectors of this model's conditions."""
+        length, width = token_embeddings(self.embeds).shape[1:]
+        embeds = x[:, :length * width].reshape(-1, length, width)
+        return PooledText(embeds, x[:, length * width:]) if isinstance(self.embeds, PooledText) else embeds
 
     def generate(self, model, cond: Condition, seeds: list[int], guidance: float | None = None) -> torch.Tensor:
         """Images in [0, 1] on the CPU, one per seed, from one condition (1, L, D) or one per seed (N, L, D),
