@@ -154,7 +154,7 @@ def test_attack_command_attacks_through_the_erased_text_encoder(pipeline_run, mo
     assert run_cli(attack_main, args) == 0
     ctx, task = seen[0]
     assert ctx.encoder is not None and isinstance(ctx.model, TextConditionedUNet)
-    assert ctx.model.text_encoder is ctx.encoder
+    assert ctx.model.text_encoders == ctx.encoder and ctx.model.text_encoder is ctx.encoder[0]
     assert not torch.allclose(ctx.encode(["a photo of a trouser"]), task.encode(["a photo of a trouser"]))
 
 
@@ -183,7 +183,7 @@ def test_delta_holds_the_text_encoder_and_erase_loaders_apply_it(models, tmp_pat
     spec, delta, implied = G.resolve_erased(str(out), None)
     assert delta == path and implied == str(models["sd1"])
     erased = G.load_generator(spec, "cpu", delta)
-    assert G.trained_text_encoder(erased, base) is erased.pipe.text_encoder
+    assert G.trained_text_encoder(erased, base) == [erased.pipe.text_encoder]
     te = dict(pipe.text_encoder.named_parameters())
     assert all(torch.equal(p, te[n]) for n, p in erased.pipe.text_encoder.named_parameters())
 

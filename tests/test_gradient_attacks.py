@@ -200,7 +200,7 @@ def test_gradient_attacks_run_against_a_model_with_its_own_text_encoder(models):
     encoder = copy.deepcopy(task.text_encoder)
     with torch.no_grad():
         encoder.get_encoder().layers[0].mlp.fc1.weight.mul_(3.0)  # a different encoder than the base's
-    erased = TextConditionedUNet(task.base.unet, encoder, task.tokenizer)
+    erased = TextConditionedUNet(task.base.unet, [encoder], task.text_stack)
     ctx = AttackContext(task, erased, "garbage truck", lambda im, c: torch.zeros(im.shape[0], dtype=torch.bool),
                         progress=False, base=task.base.unet, encoder=encoder)
     assert not torch.allclose(ctx.encode(["a cat"]), task.encode(["a cat"]))

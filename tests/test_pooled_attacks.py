@@ -106,3 +106,43 @@ def test_sd3_with_t5_refuses_attacks_in_one_line(pooled):
     task._text_stack = None
     with pytest.raises(erase.EraseError, match="also has T5"):
         get_attack("p4d")(get_attack("p4d").Config()).check_task(task)
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3"])
+def test_advunlearn_trains_both_clip_encoders_and_reloads(pooled, kind, tmp_path):
+    """advunlearn on SDXL / SD3: both CLIP encoders train (nothing else), the pipeline folder carries both, a delta
+    applies to the plain pipeline, and the attack command reads through the erased encoders."""
+    from safetensors.torch import load_file
+
+    from erase.attack import main as attack_main
+    from erase.cli import run_cli
+    from erase.diffusion.export import load_delta
+    from erase.diffusion.loading import pipeline_class
+    from erase.train import main as train_main
+
+    folder = pooled[kind]
+    fast = ["--n-forget", "2", "--n-retain", "2", "--eval-images", "1", "--sample-steps", "2", "--grid-seeds", "1",
+            "--no-progress", "--max-steps", "2", "--warmup-iters", "1", "--attack-steps", "1", "--ddim-steps", "3",
+            "--retain-batch", "1", "--lr", "1e-2"]
+    out = tmp_path / "run"
+    args = ["--concept", "trouser", "--method", "advunlearn", "--model", str(folder), "--retain-concepts", "dress",
+            "--evaluator", "fmnist-classifier", "--output-dir", str(out), *fast]
+    assert run_cli(train_main, args) == 0
+    denoiser = "transformer" if kind == "sd3" else "unet"
+    for part, trained in (("text_encoder", True), ("text_encoder_2", True), (denoiser, False)):
+        name = "model.safetensors" if part.startswith("text") else "diffusion_pytorch_model.safetensors"
+        before, after = load_file(str(folder / part / name)), load_file(str(out / "model" / part / name))
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert bool(changed) == trained, part
+        assert not any("embeddings" in k for k in changed)  # token and position embeddings stay frozen
+    kwargs = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3" else {}
+    pipe = pipeline_class(kind).from_pretrained(out / "model", **kwargs)
+    img = pipe("a photo of a dress", num_inference_steps=2, output_type="pt").images
+    assert torch.isfinite(img).all()
+    assert run_cli(attack_main, [str(out), "--attack", "ring-a-bell", "--set", "population=4", "--set", "generations=2",
+                                 "--set", "images=1", "--limit", "1", "--no-progress"]) == 0
+    delta_out = tmp_path / "delta"
+    assert run_cli(train_main, [*args[:-len(fast) - 2], "--output-dir", str(delta_out), "--save-format", "delta",
+                                *fast]) == 0
+    base = pipeline_class(kind).from_pretrained(folder, **kwargs)
+    assert load_delta(base, delta_out / "delta.safetensors") > 0

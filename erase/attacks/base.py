@@ -98,7 +98,7 @@ class AttackContext:
     seed: int = 0
     progress: bool = True
     state: dict = field(default_factory=dict)  # per-run cache across rows (e.g. a concept vector)
-    encoder: nn.Module | None = None  # the erased model's own text encoder (advunlearn trains one); None: the task's
+    encoder: nn.Module | list | None = None  # the erased model's own text encoder(s) (advunlearn); None: the task's
     base: nn.Module | None = None     # the base denoiser (targets of UnlearnDiffAtk and P4D); None: not offered
     workdir: Path | None = None       # where an optimising attack keeps its per-prompt engine runs (resume)
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from erase.diffusion.loading import denoiser_attr, pipeline_class
-from erase.diffusion.text_model import TextConditionedUNet, denoiser
+from erase.diffusion.text_model import ENCODER_NAMES, TextConditionedUNet, denoiser
 from erase.errors import EraseError
 from erase.storage import atomic_dir, load_safetensors, save_safetensors
 
@@ -32,17 +32,18 @@ def save_pipeline(task, model, out: Path) -> Path:
             model.save_pretrained(tmp / "unet", safe_serialization=True)
             task.scheduler.save_pretrained(tmp / "scheduler")
         else:
-            pipe, attr = task.base.pipe, denoiser_attr(task.kind)
-            original = getattr(pipe, attr), pipe.text_encoder, pipe.scheduler
-            if isinstance(model, TextConditionedUNet):
-                pipe.text_encoder = model.text_encoder
-            setattr(pipe, attr, denoiser(model))
-            pipe.scheduler = task.base.shipped_scheduler or pipe.scheduler  # the base folder's own (SDXL: Euler)
+            pipe = task.base.pipe
+            parts = {denoiser_attr(task.kind): denoiser(model), "scheduler": task.base.shipped_scheduler or pipe.scheduler}
+            if isinstance(model, TextConditionedUNet):  # the trained encoders go where the pipeline keeps its own
+                parts.update(zip(ENCODER_NAMES, model.text_encoders))
+            original = {name: getattr(pipe, name) for name in parts}
             try:
+                for name, part in parts.items():
+                    setattr(pipe, name, part)
                 pipe.save_pretrained(tmp, safe_serialization=True)
             finally:
-                pipe.text_encoder, pipe.scheduler = original[1:]
-                setattr(pipe, attr, original[0])
+                for name, part in original.items():
+                    setattr(pipe, name, part)
     return out / "model"
 
 
@@ -104,15 +105,16 @@ def load_delta(pipe_or_unet, path: str | Path) -> int:
     for key, value in delta.items():
         part, _, name = key.partition(".")
         parts.setdefault(part, {})[name] = value
-    unknown = sorted(set(parts) - {"unet", "text_encoder"})
+    unknown = sorted(set(parts) - {"unet", *ENCODER_NAMES})
     if unknown:
         raise EraseError(f"{path} holds tensors of {unknown[0]!r}, which erase does not write; is it an erase delta?")
-    if "text_encoder" in parts and getattr(pipe_or_unet, "text_encoder", None) is None:
+    encoders = [name for name in ENCODER_NAMES if name in parts]
+    if any(getattr(pipe_or_unet, name, None) is None for name in encoders):
         raise EraseError(f"{path} also holds text-encoder weights (the run trained the text encoder): apply it to the "
                          "whole pipeline, load_delta(pipe, path), not to its UNet")
     n = _apply(_denoiser_of(pipe_or_unet), parts.get("unet", {}), path, "UNet")
-    if "text_encoder" in parts:
-        n += _apply(pipe_or_unet.text_encoder, parts["text_encoder"], path, "text encoder")
+    for name in encoders:
+        n += _apply(getattr(pipe_or_unet, name), parts[name], path, name.replace("_", " "))
     return n
 
 

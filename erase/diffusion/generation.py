@@ -111,16 +111,17 @@ def load_generator(spec: str, device, delta: Path | None = None):
     return model
 
 
-def trained_text_encoder(erased, base_pipe):
-    """The erased model's text encoder when it differs from the base model's (a run that trained it, e.g.
-    advunlearn), else None: then the erased model reads the same conditions as the base."""
+def trained_text_encoder(erased, base_pipe) -> list | None:
+    """The erased model's CLIP text encoders (SD: one; SDXL / SD3: two) when any differs from the base model's (a run
+    that trained them, e.g. advunlearn), else None: then the erased model reads the same conditions as the base."""
     if erased.pipe is None or base_pipe is None:
         return None
-    mine, theirs = erased.pipe.text_encoder.state_dict(), base_pipe.text_encoder.state_dict()
-    if mine.keys() != theirs.keys():
-        return erased.pipe.text_encoder
-    same = all(torch.equal(v, theirs[k].to(v.device)) for k, v in mine.items())
-    return None if same else erased.pipe.text_encoder
+    names = [n for n in ("text_encoder", "text_encoder_2") if getattr(erased.pipe, n, None) is not None]
+    for name in names:
+        mine, theirs = getattr(erased.pipe, name).state_dict(), getattr(base_pipe, name).state_dict()
+        if mine.keys() != theirs.keys() or not all(torch.equal(v, theirs[k].to(v.device)) for k, v in mine.items()):
+            return [getattr(erased.pipe, n) for n in names]
+    return None
 
 
 def ddpm_class_names(model) -> list[str]:

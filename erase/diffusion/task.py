@@ -270,10 +270,15 @@ class DiffusionTask(DenoisingTask):
         encoded empty text (``encode_prompt``'s ``zero_out_negative_prompt``); so do the null condition,
         ESD's unconditional teacher and the task's own sampling."""
         table = self.encode(prompts)
-        if self.kind == "sdxl" and self.base.pipe.config.get("force_zeros_for_empty_prompt", False):
+        if self._zero_null:
             empty = torch.tensor([p == "" for p in prompts], device=table.device)
             table = PooledText(table.embeds.masked_fill(empty[:, None, None], 0), table.pooled.masked_fill(empty[:, None], 0))
         return table
+
+    @property
+    def _zero_null(self) -> bool:
+        """Whether the pipeline guides against zeros instead of the encoded empty prompt (SDXL base)."""
+        return self.kind == "sdxl" and bool(self.base.pipe.config.get("force_zeros_for_empty_prompt", False))
 
     def encode_for(self, model, prompts: list[str]) -> torch.Tensor:
         """Conditions of ``prompts`` as ``model`` reads them: through its own text encoder when it carries one
@@ -373,9 +378,10 @@ class DiffusionTask(DenoisingTask):
         cond = cond.expand(n, -1, -1) if cond.shape[0] == 1 else cond
         if cond.shape[0] != n:
             raise ValueError(f"{cond.shape[0]} conditions for {n} seeds")
-        # A model with its own text encoder also reads the empty prompt through it (as its saved pipeline does).
-        null = (model.encode([""]).expand(n, -1, -1) if isinstance(model, TextConditionedUNet)
-                else self.null_condition(n, self.device))
+        # A model with its own text encoders also reads the empty prompt through them, as its saved pipeline does
+        # (SDXL's pipeline guides against zeros whatever the encoders: the task's null condition).
+        own_null = isinstance(model, TextConditionedUNet) and not self._zero_null
+        null = model.encode([""]).expand(n, -1, -1) if own_null else self.null_condition(n, self.device)
         was = model.training
         model.eval()
         try:
@@ -658,12 +664,15 @@ class DiffusionTask(DenoisingTask):
         return unet
 
     def _text_and_unet(self) -> TextConditionedUNet:
-        self._need_one_encoder()
+        self._need_text()
         if self.lora:
             raise EraseError("training the text encoder is offered for its full weights only: LoRA (--save-format lora, "
                              "--lora-rank) is not; use --save-format pipeline or delta")
-        encoder = copy.deepcopy(self.base.pipe.text_encoder).requires_grad_(True)
-        model = TextConditionedUNet(self.base.unet, encoder, self.base.pipe.tokenizer)
+        stack = self.text_stack  # SD3 with T5 is refused here: T5 is not trained, and its tokens are not CLIP's
+        encoders = [copy.deepcopy(e).requires_grad_(True) for e in stack.encoders]
+        # SD's UNet call stays the UNet's own (kwargs pass through); other families go through predict.
+        denoise = None if self.kind == "sd" else self.predict
+        model = TextConditionedUNet(self.base.unet, encoders, stack, denoise)
         if self.cfg.save_format == "delta":  # "changed" is judged against the base UNet and text encoder
             self._base_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if self.cfg.gradient_checkpointing and hasattr(self.base.unet, "enable_gradient_checkpointing"):

@@ -20,6 +20,8 @@ together. :class:`TextStack` makes them one encoder to the attacks:
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -49,10 +51,23 @@ class TextStack:
             raise EraseError(f"a {kind} model has no text encoder")
         self.widths = [e.get_input_embeddings().weight.shape[1] for e in self.encoders]
 
-    def token_table(self, encoder: nn.Module | None = None) -> torch.Tensor:
-        """(V, D1 + ...) the input token embeddings of every encoder, side by side (frozen)."""
-        encoders = [encoder] if encoder is not None else self.encoders
-        return torch.cat([e.get_input_embeddings().weight.detach() for e in encoders], dim=-1)
+    def with_encoders(self, encoders: list[nn.Module]) -> TextStack:
+        """The same stack reading through ``encoders`` (trained copies, in this stack's order)."""
+        other = copy.copy(self)
+        other.encoders = self._pick(encoders)
+        return other
+
+    def token_table(self, encoders: nn.Module | list[nn.Module] | None = None) -> torch.Tensor:
+        """(V, D1 + ...) the input token embeddings of every encoder (or of ``encoders``), side by side (frozen)."""
+        return torch.cat([e.get_input_embeddings().weight.detach() for e in self._pick(encoders)], dim=-1)
+
+    def _pick(self, encoders: nn.Module | list[nn.Module] | None) -> list[nn.Module]:
+        if encoders is None:
+            return self.encoders
+        encoders = [encoders] if isinstance(encoders, nn.Module) else list(encoders)
+        if len(encoders) != len(self.encoders):
+            raise ValueError(f"{len(encoders)} text encoders for a {self.kind} model, which reads {len(self.encoders)}")
+        return encoders
 
     def _ids_for(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         """The ids encoder ``k`` reads: the same tokens, padded with its own tokenizer's pad id after end-of-text."""
@@ -64,17 +79,16 @@ class TextStack:
         return ids.masked_fill(after, pad)
 
     def encode_ids(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None,
-                   encoder: nn.Module | None = None) -> Condition:
+                   encoders: nn.Module | list[nn.Module] | None = None) -> Condition:
         """The condition of token ids ``ids`` (N, L), optionally with the input token embeddings replaced by
-        ``token_embeds`` (N, L, D1 + ...); keeps gradients outside ``torch.no_grad``. ``encoder``: a trained copy
-        of the (single) SD text encoder to read through instead."""
-        if self.kind == "sd" or encoder is not None:
-            if self.kind != "sd":
-                raise EraseError("reading through a trained text encoder is offered for SD 1.x/2.x only")
-            return encode_ids(encoder or self.encoders[0], self.tokenizer, ids, token_embeds)
-        parts = (token_embeds.split(self.widths, dim=-1) if token_embeds is not None else [None] * len(self.encoders))
+        ``token_embeds`` (N, L, D1 + ...); keeps gradients outside ``torch.no_grad``. ``encoders``: trained copies
+        (one module for SD, a list in the stack's order) to read through instead."""
+        encoders = self._pick(encoders)
+        if self.kind == "sd":
+            return encode_ids(encoders[0], self.tokenizer, ids, token_embeds)
+        parts = (token_embeds.split(self.widths, dim=-1) if token_embeds is not None else [None] * len(encoders))
         outs = []
-        for k, (enc, emb) in enumerate(zip(self.encoders, parts)):
+        for k, (enc, emb) in enumerate(zip(encoders, parts)):
             device = next(enc.parameters()).device
             k_ids = self._ids_for(ids, k).to(device)
             if emb is None:

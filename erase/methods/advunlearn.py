@@ -46,6 +46,14 @@ stopped at (erase's ``esd`` convention, ``DiffusionTask.partial_sample``), not C
 schedule, independent of the task's ``--sample-steps`` (which may be smaller for the bundled model's
 evaluation). The erased model is saved with its text encoder (``--save-format pipeline``: ``model/text_encoder``;
 ``delta``: ``text_encoder.*`` tensors); LoRA is not offered.
+
+SDXL and SD3 (erase's adaptation; the paper trains SD v1.4's one CLIP encoder): both CLIP encoders train, the
+same weights of each (``text_encoder`` and ``text_encoder_2``), and δ is a token embedding of both side by side
+(``erase.diffusion.text_stack``: a token's embedding in every encoder), inserted at the same position of the
+ids both read; the condition is then built as the pipeline builds it (SD3: plus the pooled embeddings; SDXL:
+the second encoder's pooled state). For flow models (SD3) ε is the velocity and the ESD target the same
+linear combination of the teacher's predictions. SD3 loaded *with* T5 is refused (T5's own tokens cannot
+carry δ; erase does not train T5).
 """
 
 from __future__ import annotations
@@ -64,8 +72,9 @@ from erase.registry import register_method
 # Text-encoder weights that train (util.py:L41-64, text_encoder_full with component 'all'): the transformer
 # layers and the final layer norm; the token and position embeddings stay frozen. CLIPTextModel names them
 # text_model.encoder.* in transformers 4 and encoder.* in 5.
-TEXT_TRAINED = tuple(f"text_encoder.{inner}{part}." for inner in ("text_model.", "")
-                     for part in ("encoder", "final_layer_norm"))
+# SDXL / SD3 train both CLIP encoders (text_encoder, text_encoder_2) the same way.
+TEXT_TRAINED = tuple(f"{encoder}.{inner}{part}." for encoder in ("text_encoder", "text_encoder_2")
+                     for inner in ("text_model.", "") for part in ("encoder", "final_layer_norm"))
 STATE_PREFIX, STATE_UNSEEN = "advunlearn_prefix", "advunlearn_unseen_retain"
 
 
@@ -139,16 +148,15 @@ class AdvUnlearn(Method):
     def check_task(self, task):
         if not task.has_cross_attention:
             raise EraseError(self.NO_TEXT)
-        if not getattr(task, "one_text_encoder", True):
-            raise EraseError("advunlearn trains one CLIP text encoder; SDXL and SD3 condition on several encoders plus a "
-                             "pooled embedding, which advunlearn does not support yet: use esd-x, esd-u, uce, rece, ca or "
-                             "salun")
+        problem = task.token_access_problem() if hasattr(task, "token_access_problem") else None
+        if problem:
+            raise EraseError(f"advunlearn trains the CLIP text encoders on adversarial token embeddings: {problem}")
         if task.trains_adapters:
             raise EraseError(self.NO_LORA)
 
     def setup(self, ctx):
         cfg, task, model = self.config, ctx.task, ctx.unwrapped
-        if getattr(model, "text_encoder", None) is None:
+        if not getattr(model, "text_encoders", None):
             raise EraseError("advunlearn needs the model built with its text encoder (the runner does this for methods "
                              "with trains_text_encoder)")
         if cfg.train == "text-encoder":
@@ -178,7 +186,7 @@ class AdvUnlearn(Method):
 
         # 0-d masks expanded to each shape: uniform per tensor, so nothing of the model's size is allocated.
         masks = {n: torch.tensor(trains(n), device=p.device).expand(p.shape) for n, p in ctx.model.named_parameters()}
-        if not any(trains(n) for n in masks if n.startswith("text_encoder.")):
+        if not any(trains(n) for n in masks if n.startswith("text_encoder")):
             raise EraseError("advunlearn: the text encoder has no text_model.encoder.* weights (a CLIP text model "
                              "is expected)")
         return masks

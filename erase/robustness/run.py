@@ -68,8 +68,8 @@ def execute(plan: AttackPlan) -> dict:
         # A run that trained the text encoder (advunlearn) is attacked through it: attacks encode with ctx.encoder,
         # and the model they generate with reads its empty prompt through the same encoder (as its pipeline does).
         encoder = trained_text_encoder(generator, task.base.pipe)
-        erased = generator.unet if encoder is None else TextConditionedUNet(generator.unet, encoder,
-                                                                           generator.pipe.tokenizer)
+        erased = generator.unet if encoder is None else TextConditionedUNet(
+            generator.unet, encoder, task.text_stack, None if task.kind == "sd" else task.predict)
     judge_info = {"evaluator": plan.evaluator, "rule": "the evaluator's top-1 class is the row's concept",
                   "classes": names, "plain_images_per_prompt": 1, "guidance": task.guidance,
                   "sample_steps": plan.diffusion.sample_steps}
