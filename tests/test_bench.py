@@ -142,14 +142,14 @@ def test_cifar_is_read_once_per_split_and_folder(tmp_path, monkeypatch):
     assert made == [(str(tmp_path), True), (str(tmp_path), False)]
 
 
-def test_diffusion_benchmark_shards_partition_the_plan():
+def test_diffusion_benchmark_shards_partition_the_plan(tmp_path):
     from erase.bench import diffusion
 
-    args = diffusion.build_parser().parse_args(["--seeds", "2"])
-    for key in ("concepts", "ddpm_concepts", "sd_methods", "ddpm_methods", "multi_methods"):
-        setattr(args, key, getattr(args, key).split(","))
+    args = diffusion.build_parser().parse_args(["--seeds", "2", "--flow-model", str(_flow_folder(tmp_path))])
+    diffusion.split_lists(args)
     runs = diffusion.plan(args)
-    assert len(runs) == 2 * (2 * 9 + 1 * 5 + 1 * 4)  # two concepts x 9 methods, the 3-concept scenario x 5, the DDPM
+    # two concepts x 9 methods, the 3-concept scenario x 5, the DDPM x 4, the flow model: two concepts x 4
+    assert len(runs) == 2 * (2 * 9 + 1 * 5 + 1 * 4 + 2 * 4)
     assert sum(r["concept"] == "trouser,sneaker,bag" for r in runs) == 2 * 5
     assert diffusion.parse_shard("") is None and diffusion.parse_shard("1/2") == (1, 2)
     for bad in ("2/2", "x", "1-2"):
@@ -231,3 +231,135 @@ def test_method_overrides_parse_and_reject_malformed_items():
     for bad in ("salun.lr", "lr=1", ".lr=1", "salun.=1"):
         with pytest.raises(EraseError, match="METHOD.FIELD=VALUE"):
             parse_method_overrides([bad])
+
+
+# -- the rectified-flow block (issue 14): an SD3-shaped stand-in folder (its model_index.json and erase.yaml; no weights
+# are read: only the plan, the recipes and hand-made records are exercised, never a run)
+
+FLOW_RECIPES = {"salun": {"lr": 1.25e-4, "epochs": 7}, "esd-u": {"lr": 4.5e-5, "max_steps": 8},
+                "esd-x": {"lr": 3.5e-4, "max_steps": 9}, "uce": {"erase_scale": 11.0}}
+
+
+def _flow_folder(tmp_path, recipes=None):
+    import yaml
+
+    folder = tmp_path / "flow-model"
+    folder.mkdir(exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (folder / "erase.yaml").write_text(yaml.safe_dump({"methods": FLOW_RECIPES if recipes is None else recipes}))
+    return folder
+
+
+def _parsed(argv):
+    from erase.bench import diffusion
+
+    args = diffusion.build_parser().parse_args(argv)
+    diffusion.split_lists(args)
+    return args
+
+
+def test_flow_block_plans_its_runs_with_its_models_recipes(tmp_path, monkeypatch):
+    from erase.bench import diffusion
+    from erase.config import resolve
+
+    flow = _flow_folder(tmp_path)
+    args = _parsed(["--sd-methods", "", "--multi", "", "--ddpm-methods", "", "--flow-model", str(flow),
+                    "--eval-images", "8", "--out-dir", str(tmp_path / "runs")])
+    runs = diffusion.plan(args)
+    assert [(r["concept"], r["method"], r["seed"]) for r in runs] == [
+        (c, m, s) for c in ("trouser", "sneaker") for m in ("salun", "esd-u", "esd-x", "uce") for s in range(3)]
+    assert {r["model"] for r in runs} == {str(flow)} and {r["block"] for r in runs} == {"flow"}
+    # The run folders: per model, never inside the model folder; a bundled name stays as it is.
+    folder = diffusion.run_folder(args, runs[0], {})
+    assert folder.is_relative_to(tmp_path / "runs" / "e8-f64-r64") and folder.parts[-3].startswith("flow-model-")
+    assert folder.parts[-2:] == ("trouser", "salun-s0")
+    assert diffusion.model_folder("fmnist-tiny-flow") == "fmnist-tiny-flow"
+    assert diffusion.model_folder("fmnist-tiny-sd") == "fmnist-tiny-sd"
+    other = tmp_path / "elsewhere" / "flow-model"
+    assert diffusion.model_folder(str(other)) != diffusion.model_folder(str(flow))
+    # Each run resolves to the flow model's erase.yaml recipe, through the layers run_once gets.
+    seen = {}
+    monkeypatch.setattr(diffusion, "run_once", lambda out, method, task, layer, seed, **kw: seen.setdefault(
+        method, (out, task, layer, seed)) and {"status": "failed", "error": "not run"})
+    for r in runs[:12]:
+        diffusion.run_erasure(args, r)
+    assert set(seen) == set(FLOW_RECIPES)
+    for method, (out, task, layer, seed) in seen.items():
+        assert task["model"] == str(flow) and task["concept"] == "trouser" and layer == {}
+        cfg = resolve({"method": method, "output_dir": str(out), "seed": seed}, task, layer, {}).method
+        assert {k: getattr(cfg, k) for k in FLOW_RECIPES[method]} == pytest.approx(FLOW_RECIPES[method]), method
+
+
+def test_flow_block_without_its_model_is_skipped_or_refused(tmp_path, monkeypatch, capsys):
+    from erase.bench import diffusion
+
+    absent = str(tmp_path / "no-such-model")
+    monkeypatch.setattr(diffusion, "FLOW_MODEL", absent)  # the bundled name, as if erase/zoo/ lacked its folder
+    args = _parsed(["--ddpm-methods", ""])  # not asked for: skipped with a note, the other blocks planned
+    assert args.flow_methods == [] and "flow block skipped" in capsys.readouterr().out
+    assert {r["model"] for r in diffusion.plan(args)} == {"fmnist-tiny-sd"}
+    for asked in (["--flow-methods", "uce"], ["--flow-model", absent], ["--flow-concepts", "bag"]):
+        with pytest.raises(EraseError, match="--flow-model: .*no-such-model.*train_tiny_flow"):
+            _parsed(asked)
+    with pytest.raises(EraseError, match="--flow-model: .*no-such-model"):  # the flow rows were all it could add
+        _parsed(["--sd-methods", "", "--multi", "", "--ddpm-methods", "", "--keep-results"])
+    assert _parsed(["--flow-methods", ""]).flow_methods == [] and capsys.readouterr().out == ""
+    # present, but without a recipe for a method: said before the runs (they use the method defaults)
+    _parsed(["--flow-model", str(_flow_folder(tmp_path, {"salun": {"lr": 1e-4}}))])
+    assert "no erase.yaml recipe for esd-u, esd-x, uce" in capsys.readouterr().out
+
+
+def _record(model, concept, method, seed, concept_after, other_after, **extra):
+    return {"model": model, "concept": concept, "method": method, "seed": seed, "status": "done",
+            "path": f"runs/{model}/{concept}/{method}-s{seed}", "run": {"total_s": 1.0},
+            "metrics": {"before": {"concept_acc": 100.0, "other_acc": 97.0},
+                        "after": {"concept_acc": concept_after, "other_acc": other_after}},
+            "bench": {"wall_s": 2.0, "torch_threads": 1}, **extra}
+
+
+def test_flow_rows_join_the_committed_report_with_keep_results(tmp_path, monkeypatch, capsys):
+    """The lead's command adds the flow rows to results/diffusion_fmnist.* without rerunning (or losing) the others."""
+    from erase.bench import diffusion
+
+    prefix = tmp_path / "results" / "diffusion_fmnist"
+    prefix.parent.mkdir()
+    old = [_record("fmnist-tiny-sd", c, m, s, 0.0, 96.0) for c in ("trouser", "sneaker") for m in ("salun", "uce")
+           for s in range(3)] + [_record("fmnist-ddpm", "trouser", "salun", 0, 0.0, 93.0)]
+    old_meta = {"command": "python -m erase.bench.diffusion --eval-images 8", "eval_images": 8}
+    prefix.with_suffix(".json").write_text(json.dumps({"meta": old_meta, "runs": old}))
+    monkeypatch.setattr(diffusion, "model_missing", lambda model: "")  # the bundled flow model, as if trained
+    ran = []
+
+    def fake_run_once(out, method, task, layer, seed, **kw):  # hand-made results; uce misses the 3-point target
+        ran.append((task["model"], task["concept"], method, seed))
+        rec = _record(task["model"], task["concept"], method, seed, 0.0, 90.0 if method == "uce" else 95.0)
+        return {k: rec[k] for k in ("path", "status", "run", "metrics", "bench")}
+
+    monkeypatch.setattr(diffusion, "run_once", fake_run_once)
+    argv = ["--eval-images", "8", "--sd-methods", "", "--multi", "", "--ddpm-methods", "", "--keep-results",
+            "--results", str(prefix), "--out-dir", str(tmp_path / "runs"), "--threads", "1"]
+    assert diffusion.main(argv) == 0
+    assert {m for m, *_ in ran} == {"fmnist-tiny-flow"} and len(ran) == 2 * 4 * 3  # only the flow runs ran
+    data = json.loads(prefix.with_suffix(".json").read_text())
+    kept = [r for r in data["runs"] if r["model"] != "fmnist-tiny-flow"]
+    assert kept == old  # every earlier record, unchanged
+    assert data["meta"]["earlier_commands"] == [old_meta["command"]]
+    md = prefix.with_suffix(".md").read_text()
+    main_table, flow_section = md.split("## fmnist-tiny-flow (SD3-shaped rectified flow)")
+    assert "| fmnist-tiny-sd | trouser | salun | 3 |" in main_table and "fmnist-tiny-flow |" not in main_table
+    flow_table = flow_section.split("## Targets")[0]
+    assert flow_table.count("| fmnist-tiny-flow |") == 8 and "fmnist-tiny-sd" not in flow_table
+    targets = {(t["concept"], t["method"]): t for t in data["targets"] if t["model"] == "fmnist-tiny-flow"}
+    assert len(targets) == 8 and {t["target"] for t in targets.values()} == {diffusion.FLOW_TARGET}
+    assert targets["trouser", "salun"]["met_on_mean"] and targets["trouser", "salun"]["seeds_met"] == 3
+    assert not targets["sneaker", "uce"]["met_on_mean"]  # 7 points below the base: more than 3
+    assert f"| fmnist-tiny-flow | trouser | salun | {diffusion.FLOW_TARGET} | 0.0 | 2.0 | yes | 3/3 |" in md
+    # Again with one seed: the target needs the mean of 3, so it is not met however good the run.
+    assert diffusion.main([*argv, "--seeds", "1", "--results", str(tmp_path / "one")]) == 0
+    one = [t for t in json.loads((tmp_path / "one.json").read_text())["targets"] if t["model"] == "fmnist-tiny-flow"]
+    assert one and not any(t["met_on_mean"] for t in one)
+    # Kept rows made at another evaluation size: refused before any run.
+    ran.clear()
+    with pytest.raises(EraseError, match="--eval-images 8"):
+        diffusion.main([*argv[2:], "--eval-images", "16"])
+    assert ran == []

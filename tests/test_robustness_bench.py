@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+from pathlib import Path
 
+import pytest
+
+from erase.bench import robustness
+from erase.bench.diffusion import run_folder
 from erase.bench.robustness import check_targets, markdown, plan, prompt_file, summarise
+from erase.errors import EraseError
 
 ATTACKS = ["concept-inversion", "p4d"]
 
@@ -45,10 +52,63 @@ def test_rows_and_targets_from_records():
 
 
 def test_plan_seeds_and_prompt_file(tmp_path):
-    args = argparse.Namespace(concepts=["trouser"], methods=["uce", "fmn"], base=True, seeds=3,
+    args = argparse.Namespace(model="fmnist-tiny-sd", concepts=["trouser"], methods=["uce", "fmn"], base=True, seeds=3,
                               three_seeds=["base", "uce"], out_dir=str(tmp_path), stride=4, prompts=0)
     cells = [(c["method"], c["seed"]) for c in plan(args)]
     assert cells == [("base", 0), ("base", 1), ("base", 2), ("uce", 0), ("uce", 1), ("uce", 2), ("fmn", 0)]
     rows = list(csv.DictReader(prompt_file(args, "trouser").open()))
     assert [r["case_number"] for r in rows] == ["0", "4", "8", "12"] and rows[0]["prompt"] == "a photo of a trouser"
     assert {r["class"] for r in rows} == {"trouser"} and rows[1]["seed"] == "10004"
+
+
+def test_model_flag_moves_cells_folders_results_and_seeds(tmp_path):
+    """--model: the cells, the base-model and erasure folders, the results prefix and the seeded rows follow it;
+    the default model keeps the folders and results it had before the flag existed."""
+    def args_for(*argv):
+        args = robustness.build_parser().parse_args([*argv, "--out-dir", str(tmp_path)])
+        args.concepts, args.methods = args.concepts.split(","), args.methods.split(",")
+        args.three_seeds = robustness.default_seeded(args)
+        return args
+
+    sd, flow = args_for(), args_for("--model", "fmnist-tiny-flow", "--methods", "salun,esd-u,esd-x,uce")
+    assert sd.model == "fmnist-tiny-sd" and sd.results is None  # resolved in main, after the model check
+    cells = plan(flow)
+    assert {c["model"] for c in cells} == {"fmnist-tiny-flow"}
+    assert len(cells) == 2 * 5 * 3  # two concepts x (base + 4 methods) x 3 seeds: issue 14's seeds for every row
+    assert len([c for c in plan(sd) if c["concept"] == "trouser"]) == 3 * 5 + 7  # THREE_SEEDS (base + 4 methods) x 3, 7 others x 1
+    base_sd = next(c for c in plan(sd) if c["method"] == "base" and c["concept"] == "sneaker")
+    base_flow = next(c for c in cells if c["method"] == "base" and c["concept"] == "sneaker")
+    assert robustness.base_folder(sd, base_sd) == tmp_path / "robustness" / "sneaker" / "base-s0"
+    assert robustness.base_folder(flow, base_flow) == tmp_path / "robustness" / "fmnist-tiny-flow" / "sneaker" / "base-s0"
+    erased_sd = next(c for c in plan(sd) if c["method"] == "uce")
+    erased_flow = next(c for c in cells if c["method"] == "uce")
+    assert run_folder(sd, erased_sd, {}) == tmp_path / "e8-f64-r64" / "fmnist-tiny-sd" / "trouser" / "uce-s0"
+    assert run_folder(flow, erased_flow, {}) == tmp_path / "e8-f64-r64" / "fmnist-tiny-flow" / "trouser" / "uce-s0"
+    assert robustness.results_prefix("fmnist-tiny-sd") == "results/robustness_fmnist"
+    assert robustness.results_prefix("fmnist-tiny-flow") == "results/robustness_fmnist-tiny-flow"
+    text = markdown([], [], ATTACKS, {"command": "c", "machine": "m", "cells_wall_s": 1.0, "wall_s": 1.0, "prompts": 4,
+                                      "stride": 4, "three_seeds": ["base"], "budgets": {}, "model": "fmnist-tiny-flow"})
+    assert text.startswith("# Robustness of erasure on the bundled fmnist-tiny-flow: ASR under two attacks")
+
+
+def test_model_flag_writes_its_own_results_and_refuses_a_missing_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EraseError, match="--model: .*no-such-model"):
+        robustness.main(["--model", str(tmp_path / "no-such-model"), "--methods", "uce"])
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+    model = tmp_path / "flow"  # a stand-in folder: the cells are hand-made, nothing loads it
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    seen = []
+
+    def fake_cell(args, cell):
+        seen.append(cell)
+        return _cell(cell["method"], cell["seed"], 0.0, {"p4d": 0.0}, 0.0, other=96.0, concept=cell["concept"])
+
+    monkeypatch.setattr(robustness, "attack_cell", fake_cell)
+    assert robustness.main(["--model", str(model), "--methods", "uce", "--concepts", "trouser", "--threads", "1"]) == 0
+    assert {c["model"] for c in seen} == {str(model)} and len(seen) == 2 * 3
+    written = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert len(written) == 2 and all(n.startswith("robustness_flow-") for n in written)  # never robustness_fmnist.*
+    data = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    assert data["meta"]["model"] == str(model) and Path(data["meta"]["model"]).name == "flow"

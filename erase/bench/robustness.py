@@ -1,8 +1,9 @@
-"""Robustness benchmark: does an erased concept come back under attack? (bundled fmnist-tiny-sd)
+"""Robustness benchmark: does an erased concept come back under attack? (bundled fmnist-tiny-sd, or ``--model``)
 
     python -m erase.bench.robustness                              # everything (about 3 h on 2 cores, 2 shards)
     python -m erase.bench.robustness --shard 0/2 --threads 1 &    # the same in two processes, then
     python -m erase.bench.robustness --shard 1/2 --threads 1; python -m erase.bench.robustness   # the report
+    python -m erase.bench.robustness --model fmnist-tiny-flow --methods salun,esd-u,esd-x,uce   # the flow model
 
 Protocol (written into the report): for each concept (trouser, sneaker) the bundled text-to-image
 model is erased by every diffusion method with the recipe the model ships in ``erase.yaml`` (the
@@ -15,6 +16,15 @@ concept). Attack prompts: every 4th row of the run's concept prompt and held-out
 (``--stride``, ``--prompts``; 4 of 13 for the bundled classes), each with its fixed seed; one image
 per attacked prompt (three for P4D, as official).
 A seed changes the erasure's data and noise *and* the attacks' randomness.
+
+``--model`` attacks another text-to-image model the same way (e.g. the bundled SD3-shaped rectified-flow
+``fmnist-tiny-flow``), with the methods' recipes and the attack budgets of *its* ``erase.yaml``. Its erasure
+runs are the diffusion benchmark's folders for that model (the model is part of their path); its base-model
+folders get the model in their path too (``robustness/<model>/<concept>/base-s<seed>``; the default model keeps
+``robustness/<concept>/...``, so earlier folders are reused), and its results go to
+``results/robustness_<model>.{json,md}`` unless ``--results`` is given, so the default model's results stay.
+Every row of another model gets ``--seeds`` seeds unless ``--three-seeds`` says otherwise (the default model's
+``THREE_SEEDS`` is issue 13's rule for what fits its 3 h budget; issue 14 asks 3 seeds for the flow model's rows).
 
 Columns: pre-ASR (the erased model's plain image shows the concept), ASR per attack (plain or
 attacked image does; for the base row the adversarial-alone ASR), union ASR over the attacks,
@@ -33,7 +43,7 @@ import time
 from pathlib import Path
 
 from erase.bench.common import describe_machine, fmt_duration, fmt_pm, machine_info, mean_std, set_threads
-from erase.bench.diffusion import parse_shard, run_erasure
+from erase.bench.diffusion import model_folder, model_missing, parse_shard, run_erasure
 from erase.errors import EraseError
 from erase.storage import atomic_write_json, atomic_write_text
 
@@ -50,8 +60,27 @@ def plan(args) -> list[dict]:
     for concept in args.concepts:
         for method in (["base"] if args.base else []) + args.methods:
             for seed in range(args.seeds if method in args.three_seeds else 1):
-                cells.append({"model": MODEL, "concept": concept, "method": method, "seed": seed})
+                cells.append({"model": args.model, "concept": concept, "method": method, "seed": seed})
     return cells
+
+
+def base_folder(args, cell: dict) -> Path:
+    """Where the unerased model's attacks on ``cell``'s concept go; the default model's folders are those of the
+    benchmark before ``--model`` existed (so they are read back), any other model's hold its name."""
+    root = Path(args.out_dir) / "robustness"
+    if cell["model"] != MODEL:
+        root = root / model_folder(cell["model"])
+    return root / cell["concept"].replace(" ", "-") / f"base-s{cell['seed']}"
+
+
+def default_seeded(args) -> list[str]:
+    """The rows that get ``--seeds`` seeds when ``--three-seeds`` is not given (see the module doc)."""
+    return list(THREE_SEEDS) if args.model == MODEL else ["base", *args.methods]
+
+
+def results_prefix(model: str) -> str:
+    """The default ``--results`` of ``model``: the default model's own name, the others' with their folder name."""
+    return RESULTS if model == MODEL else f"results/robustness_{model_folder(model)}"
 
 
 def attack_cell(args, cell: dict) -> dict:
@@ -62,7 +91,7 @@ def attack_cell(args, cell: dict) -> dict:
     record = dict(cell)
     t0 = time.perf_counter()
     if cell["method"] == "base":
-        folder = Path(args.out_dir) / "robustness" / cell["concept"].replace(" ", "-") / f"base-s{cell['seed']}"
+        folder = base_folder(args, cell)
         run = {"status": "done", "metrics": {}}
     else:
         run = run_erasure(args, cell)
@@ -74,7 +103,7 @@ def attack_cell(args, cell: dict) -> dict:
     prompts = prompt_file(args, cell["concept"])
     try:
         attack_plan = make_plan(folder, "all", str(prompts), ATTACK_SETS, 0, "", cell["seed"], False, False,
-                                base_model=MODEL if cell["method"] == "base" else "",
+                                base_model=cell["model"] if cell["method"] == "base" else "",
                                 concept=cell["concept"] if cell["method"] == "base" else "")
         summary = execute(attack_plan)
     except (EraseError, RuntimeError, ValueError) as err:
@@ -158,7 +187,9 @@ def check_targets(rows: list[dict], attacks: list[str], base_other: dict[str, fl
 def markdown(rows: list[dict], targets: list[dict], attacks: list[str], meta: dict) -> str:
     budgets = "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in b.items() if k not in ("pairs", "banned_words"))
                         for n, b in meta["budgets"].items())
-    lines = ["# Robustness of erasure on the bundled fmnist-tiny-sd: ASR under four attacks", "",
+    model = meta.get("model", MODEL)
+    lines = [f"# Robustness of erasure on {'the bundled ' if model_folder(model) == model else ''}{model}: "
+             f"ASR under {_count(len(attacks))} attacks", "",
              f"- command: `{meta['command']}`",
              f"- machine: {meta['machine']} per process",
              f"- wall time: {fmt_duration(meta['cells_wall_s'])} summed over the cells (erasure read back or run, "
@@ -166,8 +197,9 @@ def markdown(rows: list[dict], targets: list[dict], attacks: list[str], meta: di
              f"- attack prompts: {meta['prompts']} per concept (every {meta['stride']}th row of the concept prompt "
              "and its held-out paraphrases, fixed seeds); judge `fmnist-classifier` top-1 = the concept",
              f"- budgets (the model's erase.yaml, reduced from the official SD budgets): {budgets}",
-             "- seeds: 3 for " + ", ".join(meta["three_seeds"]) + "; 1 for the other methods (what fits the ~3 h "
-             "budget on 2 cores); a seed changes the erasure's data and noise and the attacks' randomness",
+             f"- seeds: {meta.get('seeds', 3)} for " + ", ".join(meta["three_seeds"]) + "; 1 for the other methods"
+             + (" (what fits the ~3 h budget on 2 cores)" if model == MODEL else "")
+             + "; a seed changes the erasure's data and noise and the attacks' randomness",
              "- base row: adversarial-alone ASR (the plain image not counted; concept inversion and ring-a-bell "
              "never name the concept); other rows: ASR = plain or attacked image shows the concept; union = any attack",
              "- other-class acc and FID-fmnist: the erased model's own evaluation (8 images per prompt); "
@@ -193,22 +225,30 @@ def markdown(rows: list[dict], targets: list[dict], attacks: list[str], meta: di
     return "\n".join(lines) + "\n"
 
 
+def _count(n: int) -> str:
+    return ("no", "one", "two", "three", "four", "five", "six")[n] if n < 7 else str(n)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m erase.bench.robustness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--concepts", default="trouser,sneaker", help="concepts erased from fmnist-tiny-sd and attacked")
+    p.add_argument("--model", default=MODEL, help="the text-to-image model erased and attacked: a bundled name or a "
+                   "folder; its erase.yaml gives the methods' recipes and the attack budgets (e.g. fmnist-tiny-flow)")
+    p.add_argument("--concepts", default="trouser,sneaker", help="concepts erased from --model and attacked")
     p.add_argument("--methods", default=",".join(METHODS), help="erasure methods (the base model is always a row)")
     p.add_argument("--no-base", dest="base", action="store_false", help="leave the base-model rows out of this "
                    "invocation (e.g. a third process that only adds a method's rows while shards attack the base)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the methods in --three-seeds (others get 1)")
-    p.add_argument("--three-seeds", default=",".join(THREE_SEEDS), help="rows that get --seeds seeds")
+    p.add_argument("--three-seeds", help=f"rows that get --seeds seeds (default for {MODEL}: {','.join(THREE_SEEDS)}; "
+                   "for another --model: base and every method)")
     p.add_argument("--prompts", type=int, default=0, help="attack prompts per concept after --stride (0: all)")
     p.add_argument("--stride", type=int, default=4, help="take every N-th prompt of the concept prompt and paraphrases")
     p.add_argument("--eval-images", type=int, default=8, help="evaluation images per prompt of the erasure runs")
     p.add_argument("--n-forget", type=int, default=64, help="generated forget images of the erasure runs")
     p.add_argument("--n-retain", type=int, default=64, help="generated retain images of the erasure runs")
     p.add_argument("--out-dir", default="runs/bench/diffusion", help="erasure runs (shared with erase.bench.diffusion)")
-    p.add_argument("--results", default=RESULTS, help="prefix of the .json/.md results")
+    p.add_argument("--results", help=f"prefix of the .json/.md results (default {RESULTS} for {MODEL}, "
+                   "results/robustness_<model> for another --model)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--retry-failed", action="store_true", help="rerun erasures that failed before")
     p.add_argument("--shard", default="", metavar="I/N", help="run only cells I, I+N, ... (0-based); a final "
@@ -219,9 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
-    args.concepts, args.methods, args.three_seeds = split(args.concepts), split(args.methods), split(args.three_seeds)
+    args.concepts, args.methods = split(args.concepts), split(args.methods)
+    args.three_seeds = split(args.three_seeds) if args.three_seeds is not None else default_seeded(args)
     if args.stride < 1 or args.prompts < 0 or args.seeds < 1:
         raise EraseError("--stride and --seeds must be >= 1 and --prompts >= 0")
+    if why := model_missing(args.model):  # before any run: a run without its model would be recorded as failed
+        raise EraseError(f"--model: {why}")
+    args.results = args.results or results_prefix(args.model)
     # lazy: importing the registries loads every method and attack file
     from erase.attacks import list_attacks
     from erase.methods import get_method
@@ -257,6 +301,7 @@ def main(argv=None) -> int:
             "machine": describe_machine({**machine_info(), "torch_threads": args.threads}),
             "wall_s": time.perf_counter() - t0, "cells_wall_s": sum(r.get("wall_s", 0.0) for r in records),
             "prompts": records[0].get("prompts") if records else 0, "stride": args.stride,
+            "model": args.model, "seeds": args.seeds,
             "three_seeds": args.three_seeds, "budgets": {n: a["budget"] for n, a in budgets.items()},
             "base_other_acc": base_other}
     targets = check_targets(rows, attacks, base_other)
