@@ -140,9 +140,9 @@ class AdvUnlearn(Method):
         if not task.has_cross_attention:
             raise EraseError(self.NO_TEXT)
         if not getattr(task, "one_text_encoder", True):
-            raise EraseError("advunlearn trains one CLIP text encoder; SDXL and SD3 condition on several encoders plus a "
-                             "pooled embedding, which advunlearn does not support yet: use esd-x, esd-u, uce, rece, ca or "
-                             "salun")
+            raise EraseError("advunlearn trains one CLIP text encoder; SDXL, SD3 and FLUX condition on several encoders "
+                             "plus a pooled embedding, which advunlearn does not support yet: use esd-x, esd-u, ca or "
+                             "salun (on SDXL also uce, rece)")
         if task.trains_adapters:
             raise EraseError(self.NO_LORA)
 
