@@ -257,7 +257,7 @@ class DiffusionTask(DenoisingTask):
         """:meth:`cross_attention_text` cut into one (N, L_i, D) block per tokenizer with its (N, L_i) attention
         mask, so token positions (a prompt's last word) are read with the tokenizer that made them: SD/SDXL one
         CLIP block; SD3 the CLIP block and, when the pipeline has T5, T5's block (without T5 its rows are zeros,
-        which no edit can move, and are left out)."""
+        which no edit can move, and are left out); FLUX T5's block alone (CLIP enters only pooled)."""
         pipe = self.base.pipe
         embeds = self.cross_attention_text(prompts)
 
@@ -265,6 +265,8 @@ class DiffusionTask(DenoisingTask):
             return tok(prompts, padding="max_length", max_length=n, truncation=True,
                        return_tensors="pt").attention_mask.to(embeds.device)
 
+        if self.kind == "flux":
+            return [(embeds, mask(pipe.tokenizer_2, embeds.shape[1]))]
         n_clip = pipe.tokenizer.model_max_length
         blocks = [(embeds[:, :n_clip], mask(pipe.tokenizer, n_clip))]
         if self.kind == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
@@ -273,7 +275,7 @@ class DiffusionTask(DenoisingTask):
         return blocks
 
     def pooled_text(self, prompts: list[str]) -> torch.Tensor | None:
-        """(N, P) pooled text embeddings of ``prompts`` (SDXL, SD3), or None for a condition without one."""
+        """(N, P) pooled text embeddings of ``prompts`` (SDXL, SD3, FLUX), or None for a condition without one."""
         cond = self.encode(prompts)
         return cond.pooled if isinstance(cond, PooledText) else None
 
@@ -786,15 +788,15 @@ class DiffusionTask(DenoisingTask):
         """Bool (prompts, tokens): the concept's token run in each forget prompt (rows of other prompts are False).
 
         Tokens are the condition's: SD's 77; SD3's 77 CLIP tokens then T5's block, where the concept is marked
-        too when the pipeline has T5 (without it those rows are zeros that name nothing)."""
+        too when the pipeline has T5 (without it those rows are zeros that name nothing); FLUX's T5 tokens."""
         pipe = self.base.pipe
-        tok = pipe.tokenizer
+        tok = pipe.tokenizer_2 if self.kind == "flux" else pipe.tokenizer
         length = token_embeddings(self.embeds).shape[1]
         mask = torch.zeros(len(self.prompts), length, dtype=torch.bool)
         t5 = pipe.tokenizer_3 if self.kind == "sd3" and getattr(pipe, "text_encoder_3", None) is not None else None
         for i, prompt in enumerate(self.forget_prompts):
             concept = self.concepts.concepts[self.forget_concept[i]]
-            pos = token_positions(tok, prompt, concept)
+            pos = token_positions(tok, prompt, concept, length if self.kind == "flux" else None)
             if not pos:
                 raise EraseError(f"the concept {concept!r} is not a token run of the prompt {prompt!r}")
             mask[i, pos] = True

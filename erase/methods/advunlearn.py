@@ -141,8 +141,8 @@ class AdvUnlearn(Method):
             raise EraseError(self.NO_TEXT)
         if not getattr(task, "one_text_encoder", True):
             raise EraseError("advunlearn trains one CLIP text encoder; SDXL, SD3 and FLUX condition on several encoders "
-                             "plus a pooled embedding, which advunlearn does not support yet: use esd-x, esd-u, ca or "
-                             "salun (on SDXL also uce, rece)")
+                             "plus a pooled embedding, which advunlearn does not support yet: use esd-x, esd-u, uce, "
+                             "rece, ca or salun")
         if task.trains_adapters:
             raise EraseError(self.NO_LORA)
 
