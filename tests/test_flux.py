@@ -287,8 +287,9 @@ def test_resolution_is_a_multiple_of_the_2x2_packing(flux):
 
 def test_token_level_work_is_refused_on_flux(flux):
     task = _task(flux, streams=())
+    assert "FLUX's token condition is T5's alone" in task.token_access_problem()
     with pytest.raises(erase.EraseError, match="FLUX"):
-        task.token_ids(["a photo"])
+        task.encode_ids(task.token_ids(["a photo"]))
     cls = erase.get_method("advunlearn", "diffusion")
     with pytest.raises(erase.EraseError, match="FLUX"):
         cls(cls.Config()).check_task(task)
