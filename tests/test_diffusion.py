@@ -224,10 +224,12 @@ def test_bad_diffusion_inputs(models, tmp_path, capsys):
 
     assert "--concept is empty" in err(["--task", "diffusion", "--concept", " ", "--model", str(models["sd1"])])
     assert "not found" in err(["--concept", "x", "--model", str(tmp_path / "nope")])
-    flux = tmp_path / "flux"  # SDXL and SD3 load now (tests/test_sdxl.py, test_sd3.py); FLUX is refused, naming what is
-    flux.mkdir()              # supported
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    assert "FLUX" in err(["--concept", "x", "--model", str(flux)])
+    # SDXL, SD3 and FLUX load now (tests/test_sdxl.py, test_sd3.py, test_flux.py); PixArt is refused, naming what
+    # is supported.
+    pixart = tmp_path / "pixart"
+    pixart.mkdir()
+    (pixart / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    assert "holds PixArt, which erase does not support" in err(["--concept", "x", "--model", str(pixart)])
     sd3 = tmp_path / "sd3"  # an SD3 folder without its parts: one line naming the folder
     sd3.mkdir()
     (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))

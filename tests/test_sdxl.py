@@ -168,14 +168,14 @@ def test_token_level_work_is_accepted_on_sdxl(sdxl):
         attack(attack.Config()).check_task(task)
 
 
-def test_flux_folders_are_still_refused(tmp_path):
+def test_unsupported_folders_are_refused_naming_what_is_supported(tmp_path):
     from erase.diffusion.loading import load_base, model_kind
 
-    folder = tmp_path / "FLUX"
+    folder = tmp_path / "PixArt"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
     assert model_kind(str(folder)) is None
-    with pytest.raises(erase.EraseError, match="holds FLUX, which erase does not support.*SDXL .*SD 3/3.5"):
+    with pytest.raises(erase.EraseError, match="holds PixArt, which erase does not support.*SDXL .*SD 3/3.5.*FLUX.1"):
         load_base(str(folder))
 
 
@@ -193,8 +193,8 @@ def test_single_files_are_told_apart_by_their_tensor_names(tmp_path):
     assert single_file_kind(ckpt("sd", "cond_stage_model.transformer.text_model.final_layer_norm.weight")) == "sd"
     assert single_file_kind(tmp_path / "old.ckpt") == "sd"  # a pickle is not opened: taken for SD 1.x/2.x as before
     assert single_file_kind(ckpt("sd3", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight")) == "sd3"
-    with pytest.raises(erase.EraseError, match="holds FLUX, which erase does not support"):
-        single_file_kind(ckpt("FLUX", "double_blocks.0.img_attn.qkv.weight"))
+    assert single_file_kind(ckpt("flux", "double_blocks.0.img_attn.qkv.weight")) == "flux"  # BFL's own layout
+    assert single_file_kind(ckpt("flux-ldm", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight")) == "flux"
 
 
 def test_generate_renders_sdxl_prompts(sdxl):

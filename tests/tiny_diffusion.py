@@ -96,6 +96,53 @@ def tiny_sd3(folder: Path, qk_norm: str | None = None) -> Path:
     return folder
 
 
+def tiny_t5_tokenizer():
+    """A T5TokenizerFast built offline: a character-level Unigram vocabulary (every lower/upper-case letter, digit and
+    common punctuation mark, with and without SentencePiece's word-start ``▁``) behind T5's special tokens (<pad> 0,
+    </s> 1, <unk> 2), so distinct prompts get distinct ids; padding and the appended </s> are T5's own."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_letters + string.digits + ",.'-!?:;()&/"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("▁" + c, -2.5) for c in chars]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def tiny_flux(folder: Path, guidance_embeds: bool = True) -> Path:
+    """A FLUX.1-shaped pipeline folder with random weights (after diffusers' FLUX get_dummy_components): a
+    FluxTransformer2DModel (1 double-stream + 1 single-stream block, patch 1 over 2x2-packed latents: 4 latent
+    channels -> 16), a CLIPTextModel (pooled, 32) and a T5EncoderModel (tokens, 32) with an offline T5 tokenizer, a
+    flow-matching Euler scheduler with FLUX's dynamic shifting, a VAE with FLUX's shift_factor; 16 px images (8x8
+    latents, 16 tokens). ``guidance_embeds``: FLUX.1-dev's guidance embedding (False: FLUX.1-schnell's layout)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from erase.zoo.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=guidance_embeds)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16, shift_factor=0.0609, scaling_factor=1.5035)
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                        vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                                        max_position_embeddings=77, projection_dim=32, hidden_act="gelu"))
+    tokenizer_2 = tiny_t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+    # FLUX.1-dev's scheduler_config.json: shift 3 stored, but use_dynamic_shifting decides (mu from the token count).
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=clip,
+                        tokenizer=build_tokenizer(), text_encoder_2=t5, tokenizer_2=tokenizer_2)
+    pipe.save_pretrained(folder)
+    return folder
+
+
 def tiny_ddpm(folder: Path, channels: int = 3, size: int = 32, classes: int = 10) -> Path:
     """A CIFAR-shaped class-conditional DDPM folder (unet/ + scheduler/) with a null class."""
     from diffusers import DDIMScheduler, UNet2DModel

@@ -1,11 +1,11 @@
 """Write an erased model: a full diffusers folder, or only the tensors that changed.
 
 ``pipeline`` writes ``model/``: ``StableDiffusionPipeline.from_pretrained("…/model")`` (SDXL:
-``StableDiffusionXLPipeline``; SD3: ``StableDiffusion3Pipeline``) loads it as usual (a DDPM:
+``StableDiffusionXLPipeline``; SD3: ``StableDiffusion3Pipeline``; FLUX: ``FluxPipeline``) loads it as usual (a DDPM:
 ``model/unet`` + ``model/scheduler``); a model whose text encoder was trained
 (:class:`~erase.diffusion.text_model.TextConditionedUNet`) writes that encoder as ``model/text_encoder``.
 ``delta`` writes ``delta.safetensors`` with the changed tensors only: denoiser keys as the denoiser names
-them (format ``erase-unet-delta``; "UNet" here and below also means SD3's transformer), or, when a text
+them (format ``erase-unet-delta``; "UNet" here and below also means SD3's / FLUX's transformer), or, when a text
 encoder was trained, ``unet.*`` and ``text_encoder.*`` keys (format ``erase-delta``); :func:`load_delta`
 applies either to the base pipeline. Both are written into a temporary folder / file and renamed into
 place. LoRA exports hold denoiser adapters only.

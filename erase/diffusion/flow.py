@@ -21,8 +21,11 @@ import torch
 class FlowTime:
     def __init__(self, scheduler_config):
         if scheduler_config.get("use_dynamic_shifting", False):
-            # FLUX-dev's schedule shifts with the image size at sampling time; training noise levels are unshifted
-            # (diffusers' FLUX training scripts draw sigma from the base schedule), so shift 1 here.
+            # FLUX-dev's schedule shifts with the image size at sampling time (mu from the token count); training
+            # noise levels are unshifted: diffusers' examples/dreambooth/train_dreambooth_flux.py draws
+            # noise_scheduler_copy.timesteps[indices] and their sigmas from the scheduler's __init__ table, which
+            # applies `shift` only without use_dynamic_shifting. So shift 1 here; partial samples still map back
+            # exactly, since from_model_timestep inverts this same map of the sampler's (shifted) timestep.
             self.shift = 1.0
         else:
             self.shift = float(scheduler_config.get("shift", 1.0))

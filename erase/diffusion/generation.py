@@ -30,6 +30,7 @@ from PIL import Image
 
 from erase.classifier.data import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
 from erase.diffusion.export import delta_format, load_delta
+from erase.diffusion.flux import t5_length
 from erase.diffusion.grid import before_after_grid
 from erase.diffusion.loading import default_guidance, load_base  # noqa: F401  (default_guidance: erase.generate)
 from erase.diffusion.sampling import sample_ddpm
@@ -155,6 +156,15 @@ def render(model, jobs: list[Job], steps: int) -> torch.Tensor:
                            model.unet.config.num_class_embeds - 1)
         return ((x.float() + 1) / 2).clamp(0, 1).cpu()
     negative = [j.row.negative_prompt for j in jobs]
+    if model.kind == "flux":
+        # FLUX's default call has no negative side: guidance_scale is the embedded guidance (erase.diffusion.flux).
+        if any(negative):
+            case = next(j.row.case for j in jobs if j.row.negative_prompt)
+            raise EraseError(f"prompt row {case} has a negative prompt; FLUX.1 is guidance-distilled and its default "
+                             "call reads none: drop the negative_prompt column for FLUX")
+        out = model.pipe(prompt=[j.row.prompt for j in jobs], guidance_scale=g, num_inference_steps=steps,
+                         generator=gens, output_type="pt", max_sequence_length=t5_length(model.unet))
+        return out.images.float().clamp(0, 1).cpu()
     if model.kind == "sdxl" and not any(negative):
         negative = None  # SDXL then guides against zeros (force_zeros_for_empty_prompt), as erase trains it
     out = model.pipe(prompt=[j.row.prompt for j in jobs], negative_prompt=negative, guidance_scale=g,

@@ -3,8 +3,10 @@
 Supported: Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``; epsilon or v-prediction), SDXL
 (``StableDiffusionXLPipeline``: two text encoders, a pooled embedding and size/crop time ids), SD 3 / 3.5
 (``StableDiffusion3Pipeline``: a rectified-flow MMDiT, two CLIP encoders and an optional T5, a pooled
-embedding) and class-conditional pixel-space DDPMs (a ``UNet2DModel`` with class embeddings plus a scheduler, in
-``unet/`` + ``scheduler/`` folders). Anything else gets an error naming what is supported. The
+embedding), FLUX.1 dev / schnell (``FluxPipeline``: a rectified-flow transformer over 2x2-packed latents, T5
+tokens plus a CLIP pooled embedding, and on the guidance-distilled dev model a guidance embedding; see
+``erase.diffusion.flux``) and class-conditional pixel-space DDPMs (a ``UNet2DModel`` with class embeddings plus
+a scheduler, in ``unet/`` + ``scheduler/`` folders). Anything else gets an error naming what is supported. The
 network is touched only when the user names a hub id; the safety checker and SDXL's invisible
 watermark are always off (erasure work must see what the model really generates).
 """
@@ -23,21 +25,25 @@ from erase.errors import EraseError
 from erase.storage import ZOO_DIR, list_bundled_models
 
 SUPPORTED = ("Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline), SD 3/3.5 "
-             "(StableDiffusion3Pipeline) and class-conditional DDPMs (UNet2DModel with class embeddings)")
+             "(StableDiffusion3Pipeline), FLUX.1 (FluxPipeline) and class-conditional DDPMs (UNet2DModel with class "
+             "embeddings)")
 UNSUPPORTED_HINTS = {
-    "FluxPipeline": "FLUX", "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner",
+    "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner",
     "PixArtAlphaPipeline": "PixArt", "KandinskyPipeline": "Kandinsky", "DDPMPipeline": "an unconditional DDPM",
 }
 
 
-# The model_index.json class of each kind erase loads: "sd" (1.x/2.x), "sdxl", "sd3", a class-conditional "ddpm".
+# The model_index.json class of each kind erase loads: "sd" (1.x/2.x), "sdxl", "sd3", "flux", a class-conditional
+# "ddpm".
 KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
-         "ClassConditionalDDPM": "ddpm"}
-TEXT_KINDS = ("sd", "sdxl", "sd3")  # the kinds that read a prompt (through text attention)
-FLOW_KINDS = ("sd3",)  # rectified-flow models: velocity targets on a flow-matching schedule (erase.diffusion.flow)
-POOLED_KINDS = ("sdxl", "sd3")  # conditions are PooledText: token embeddings plus a pooled embedding
-# The pipeline attribute that holds the denoiser: a UNet, or an MMDiT transformer.
-DENOISER_ATTR = {"sd3": "transformer"}
+         "FluxPipeline": "flux", "ClassConditionalDDPM": "ddpm"}
+TEXT_KINDS = ("sd", "sdxl", "sd3", "flux")  # the kinds that read a prompt (through text attention)
+FLOW_KINDS = ("sd3", "flux")  # rectified-flow models: velocity targets on a flow-matching schedule (erase.diffusion.flow)
+POOLED_KINDS = ("sdxl", "sd3", "flux")  # conditions are PooledText: token embeddings plus a pooled embedding
+# The pipeline attribute that holds the denoiser: a UNet, or an MMDiT / FLUX transformer.
+DENOISER_ATTR = {"sd3": "transformer", "flux": "transformer"}
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+             "flux": "FluxPipeline"}
 
 
 def denoiser_attr(kind: str) -> str:
@@ -53,8 +59,11 @@ def is_fmnist(spec: str) -> bool:
 
 
 def default_guidance(spec: str, kind: str) -> float:
-    """Classifier-free guidance when none is given: what the bundled models were checked with (4 for the tiny SD
-    and the tiny flow model, 2 for the DDPM), else SD's customary 7.5."""
+    """Guidance when none is given: what the bundled models were checked with (4 for the tiny SD and the tiny flow
+    model, 2 for the DDPM); for FLUX the *embedded* guidance of FluxPipeline's call (3.5, FLUX.1-dev's; schnell has
+    no guidance embedding and ignores it); else SD's customary classifier-free 7.5."""
+    if kind == "flux":
+        return 3.5
     return 4.0 if is_fmnist(spec) and kind in ("sd", "sd3") else 2.0 if kind == "ddpm" else 7.5
 
 
@@ -62,8 +71,8 @@ def default_guidance(spec: str, kind: str) -> float:
 class DiffusionBase:
     """What the task needs: the trainable denoiser plus frozen parts (text encoder, VAE, scheduler)."""
 
-    kind: str                 # "sd", "sdxl", "sd3" or "ddpm"
-    unet: torch.nn.Module     # the denoiser: a UNet, or SD3's transformer (the name predates transformers)
+    kind: str                 # "sd", "sdxl", "sd3", "flux" or "ddpm"
+    unet: torch.nn.Module     # the denoiser: a UNet, or SD3's / FLUX's transformer (the name predates transformers)
     scheduler: Any
     source: str               # where it came from, for model cards
     pipe: Any = None          # the diffusers pipeline of a text-to-image kind
@@ -81,6 +90,8 @@ class DiffusionBase:
 
     @property
     def prediction_type(self) -> str:
+        if self.kind in FLOW_KINDS:  # flow-matching schedulers have no prediction_type: the model predicts noise - x0
+            return "flow velocity"
         return self.scheduler.config.get("prediction_type", "epsilon")
 
 
@@ -129,7 +140,7 @@ def _load_error(where, err: Exception) -> EraseError:
 
 
 def model_kind(spec: str) -> str | None:
-    """"sd", "sdxl", "sd3" or "ddpm" for a local or bundled model folder, from its JSON files alone (no weights read).
+    """"sd", "sdxl", "sd3", "flux" or "ddpm" for a local or bundled model folder, from its JSON files alone (no weights read).
 
     None when that cannot be told without loading (a single file, a hub id, an unsupported folder),
     so config-time checks can refuse a method early and leave the rest to ``load_base``.
@@ -167,8 +178,7 @@ def pipeline_class(kind: str):
     # lazy: diffusers takes seconds to import
     import diffusers
 
-    return getattr(diffusers, {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}.get(
-        kind, "StableDiffusionPipeline"))
+    return getattr(diffusers, PIPELINES.get(kind, "StableDiffusionPipeline"))
 
 
 def absent_components(folder: Path | None) -> dict:
@@ -182,9 +192,12 @@ def absent_components(folder: Path | None) -> dict:
 
 
 def _pipe_kwargs(kind: str, folder: Path | None = None) -> dict:
-    # SD ships a safety checker, SDXL an invisible watermark: both change what the model generates. SD3 has neither.
+    # SD ships a safety checker, SDXL an invisible watermark: both change what the model generates. SD3 and FLUX
+    # have neither.
     if kind == "sd3":
         return absent_components(folder)
+    if kind == "flux":
+        return {}
     return {"add_watermarker": False} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
 
 
@@ -222,12 +235,13 @@ def _wrap_pipe(pipe, source: str, device, folder, kind: str = "sd") -> Diffusion
 
 
 def single_file_kind(path: Path) -> str:
-    """"sdxl", "sd3" or "sd" for a single checkpoint file, from its tensor names (a safetensors header; no tensor
-    is read).
+    """"sdxl", "sd3", "flux" or "sd" for a single checkpoint file, from its tensor names (a safetensors header; no
+    tensor is read).
 
     SDXL's original checkpoints hold the second text encoder under ``conditioner.embedders.1``, SD3's MMDiT has
-    ``joint_blocks``; FLUX files (``double_blocks``) are refused. A ``.ckpt`` (pickle) cannot be read without
-    loading it: it is taken for SD 1.x/2.x, as before."""
+    ``joint_blocks``, FLUX's transformer ``double_blocks`` (Black Forest Labs' names, bare or under
+    ``model.diffusion_model.``). A ``.ckpt`` (pickle) cannot be read without loading it: it is taken for SD
+    1.x/2.x, as before."""
     if path.suffix != ".safetensors":
         return "sd"
     with safe_open(str(path), framework="pt") as f:
@@ -235,7 +249,7 @@ def single_file_kind(path: Path) -> str:
     if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
         return "sd3"
     if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
-        raise EraseError(f"{path} holds FLUX, which erase does not support; supported: {SUPPORTED}")
+        return "flux"
     return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd"
 
 
@@ -301,11 +315,12 @@ def load_base(spec: str, device: str | torch.device = "cpu", original_config: st
         try:
             pipe = pipeline_class(kind).from_single_file(str(p), **_pipe_kwargs(kind), **kwargs)
         except (OSError, ValueError) as err:
-            what = {"sdxl": "an SDXL", "sd3": "an SD3"}.get(kind, "a Stable Diffusion 1.x/2.x")
-            if kind == "sd3":  # diffusers reads SD3's component configs from the hub; there is no YAML to pass
+            what = {"sdxl": "an SDXL", "sd3": "an SD3", "flux": "a FLUX"}.get(kind, "a Stable Diffusion 1.x/2.x")
+            if kind in ("sd3", "flux"):  # diffusers reads their component configs from the hub: no YAML to pass
+                lacks = " (and fetches the text encoders and VAE a transformer-only FLUX file lacks)" if kind == "flux" else ""
                 raise EraseError(f"could not load {p} as {what} checkpoint ({str(err).splitlines()[0]}); diffusers "
-                                 "builds SD3 from a single file with the hub's configs: go online once, or pass "
-                                 "the model's diffusers folder") from err
+                                 f"builds {kind.upper()} from a single file with the hub's configs{lacks}: go online "
+                                 "once, or pass the model's diffusers folder") from err
             yaml = "sd_xl_base.yaml" if kind == "sdxl" else "v1-inference.yaml"
             raise EraseError(f"could not load {p} as {what} checkpoint ({str(err).splitlines()[0]}); "
                              f"offline, pass --original-config with the model's {yaml}") from err

@@ -48,7 +48,8 @@ def _fid_fmnist(task, judge):
     return fit_reference(fid_metric(judge).to(task.device), test.get_batch(range(len(test)))["image"], task.device)
 
 
-FAMILY = {"sd": "Stable Diffusion", "sdxl": "SDXL", "sd3": "SD3 (rectified flow)", "ddpm": "class-conditional DDPM"}
+FAMILY = {"sd": "Stable Diffusion", "sdxl": "SDXL", "sd3": "SD3 (rectified flow)", "flux": "FLUX.1 (rectified flow)",
+          "ddpm": "class-conditional DDPM"}
 
 
 class RunOutputs:

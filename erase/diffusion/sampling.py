@@ -4,13 +4,15 @@ Each image has its own seed (its initial noise comes from ``torch.Generator().ma
 on the CPU), so an image is the same whatever the batch or device. ``stop_after`` runs only the
 first k denoising steps and returns x_t with the timestep it belongs to — ESD's partial sampling;
 for Stable Diffusion it goes through the pipeline's ``callback_on_step_end`` (no patched
-``__call__``).
+``__call__``). FLUX's pipeline works on packed 2x2 latent patches; what comes back here is unpacked to
+(N, C, H, W) like every other family's latents.
 """
 
 from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 
 from erase.diffusion.conditioning import PooledText
@@ -20,20 +22,62 @@ def _generators(seeds) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
+def _packs(pipe) -> bool:
+    """Whether the pipeline packs 2x2 latent patches into tokens (FluxPipeline)."""
+    return hasattr(type(pipe), "_pack_latents")
+
+
+def default_size(pipe, unet) -> int:
+    """The pipeline's own image side: the denoiser's sample_size (FLUX's transformer has none: the pipeline's
+    default_sample_size, 128 latents) times the VAE factor."""
+    return (unet.config.get("sample_size") or pipe.default_sample_size) * pipe.vae_scale_factor
+
+
+def _set_timesteps(pipe, steps: int, side: int) -> None:
+    """The schedule the pipeline's call sets for ``steps`` at a ``side``-latent image. FLUX's dynamic shifting
+    takes mu from the packed token count, as pipeline_flux.py's ``__call__`` computes it."""
+    cfg = pipe.scheduler.config
+    if not (_packs(pipe) and cfg.get("use_dynamic_shifting", False)):
+        pipe.scheduler.set_timesteps(steps)
+        return
+    # lazy: diffusers takes seconds to import
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    mu = calculate_shift((side // 2) ** 2, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+
+
 @torch.no_grad()
 def sample_sd(pipe, unet, prompt_embeds, negative_embeds, seeds, guidance: float, steps: int,
               stop_after: int | None = None, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Denoiser-space latents for ``prompt_embeds`` (N, L, D), or SDXL's / SD3's :class:`PooledText`, at ``size``
-    pixels square (None: the pipeline's default); (latents, the scheduler's timestep value) when stopped early."""
-    size = size or unet.config.sample_size * pipe.vae_scale_factor
+    """Denoiser-space latents (N, C, H, W) for ``prompt_embeds`` (N, L, D), or SDXL's / SD3's / FLUX's
+    :class:`PooledText`, at ``size`` pixels square (None: the pipeline's default); (latents, the scheduler's
+    timestep value) when stopped early.
+
+    ``negative_embeds`` None: no negative side at all (FLUX: ``guidance`` is then the guidance *embedded* into a
+    guidance-distilled transformer, the pipeline's ``guidance_scale``; schnell ignores it), else the
+    classifier-free guidance against ``negative_embeds``."""
+    size = size or default_size(pipe, unet)
     conds = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}
-    if isinstance(prompt_embeds, PooledText):  # SDXL / SD3: the pooled parts go beside (SDXL: + the time ids)
-        conds = {"prompt_embeds": prompt_embeds.embeds, "negative_prompt_embeds": negative_embeds.embeds,
-                 "pooled_prompt_embeds": prompt_embeds.pooled, "negative_pooled_prompt_embeds": negative_embeds.pooled}
+    if isinstance(prompt_embeds, PooledText):  # SDXL / SD3 / FLUX: the pooled parts go beside (SDXL: + time ids)
+        conds = {"prompt_embeds": prompt_embeds.embeds, "pooled_prompt_embeds": prompt_embeds.pooled}
+        if negative_embeds is not None:
+            conds.update(negative_prompt_embeds=negative_embeds.embeds,
+                         negative_pooled_prompt_embeds=negative_embeds.pooled)
+    elif negative_embeds is None:
+        del conds["negative_prompt_embeds"]
     attr = "unet" if hasattr(pipe, "unet") else "transformer"
     original = getattr(pipe, attr)
     setattr(pipe, attr, unet)
     state: dict = {}
+
+    packs = _packs(pipe)
+    # FLUX: the latent side is a multiple of 2 (pipeline_flux.py prepare_latents), the transformer reads 4C.
+    side = 2 * (size // (pipe.vae_scale_factor * 2)) if packs else size // pipe.vae_scale_factor
+
+    def unpacked(latents: torch.Tensor) -> torch.Tensor:
+        return pipe._unpack_latents(latents, size, size, pipe.vae_scale_factor) if packs else latents
 
     def stop(p, i, t, kwargs):
         if stop_after is not None and i + 1 == stop_after:
@@ -43,10 +87,9 @@ def sample_sd(pipe, unet, prompt_embeds, negative_embeds, seeds, guidance: float
 
     try:
         if stop_after == 0:  # nothing to denoise: x_T is the initial noise
-            side = size // pipe.vae_scale_factor
-            shape = (len(seeds), unet.config.in_channels, side, side)
-            noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in _generators(seeds)])
-            pipe.scheduler.set_timesteps(steps)
+            channels = unet.config.in_channels // 4 if packs else unet.config.in_channels
+            noise = torch.cat([torch.randn((1, channels, side, side), generator=g) for g in _generators(seeds)])
+            _set_timesteps(pipe, steps, side)
             # Flow schedulers start from plain noise (they have no init_noise_sigma).
             sigma = getattr(pipe.scheduler, "init_noise_sigma", 1.0)
             return noise.to(unet.device, unet.dtype) * sigma, pipe.scheduler.timesteps[0]
@@ -57,8 +100,8 @@ def sample_sd(pipe, unet, prompt_embeds, negative_embeds, seeds, guidance: float
         setattr(pipe, attr, original)
         pipe._interrupt = False
     if stop_after is not None:
-        return state["latents"], pipe.scheduler.timesteps[stop_after]
-    return out.images, None
+        return unpacked(state["latents"]), pipe.scheduler.timesteps[stop_after]
+    return unpacked(out.images), None
 
 
 @torch.no_grad()

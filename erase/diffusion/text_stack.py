@@ -15,7 +15,7 @@ together. :class:`TextStack` makes them one encoder to the attacks:
   side by side plus the second encoder's projected end-of-text state; SD3, both penultimate states
   side by side (zero-padded to the joint width), then the 256 zero rows of the absent T5, plus both
   projected end-of-text states. SD3 *with* T5 is refused: T5 reads its own tokens, which an attack on
-  CLIP ids cannot drive.
+  CLIP ids cannot drive. So is FLUX, whose token condition is T5's alone (CLIP enters only pooled).
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ class TextStack:
             if kind == "sd3":
                 self.joint_dim = pipe.transformer.config.joint_attention_dim
                 self.t5_tokens = 256  # StableDiffusion3Pipeline's default max_sequence_length
+        elif kind == "flux":
+            raise EraseError("token-level work (attacks) reads CLIP tokens; FLUX's token condition is T5's alone (CLIP "
+                             "enters only pooled), whose own tokens an attack on CLIP ids cannot drive: not supported "
+                             "for FLUX yet")
         else:
             raise EraseError(f"a {kind} model has no text encoder")
         self.widths = [e.get_input_embeddings().weight.shape[1] for e in self.encoders]

@@ -117,8 +117,11 @@ class DenoisingTask(Task):
     n_concepts: int = 1
 
     @abstractmethod
-    def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The model's output at noisy input ``x_t``, timestep ``t`` under condition ``cond``."""
+    def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                guidance: float | None = None) -> torch.Tensor:
+        """The model's output at noisy input ``x_t``, timestep ``t`` under condition ``cond``. ``guidance``: for a
+        guidance-distilled model (FLUX.1-dev), the guidance scale its guidance embedding reads for this prediction
+        (None: the task's own); models without a guidance embedding ignore it."""
 
     @abstractmethod
     def null_condition(self, n: int, device) -> torch.Tensor:

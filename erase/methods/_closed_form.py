@@ -130,8 +130,10 @@ def rece_embedding(W_edit_list: Sequence[torch.Tensor], W_orig_list: Sequence[to
 # -- token selection --------------------------------------------------------------------------------
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each prompt's last word token: the mask counts start + words + end, so sum - 2 (0 for '')."""
-    return attention_mask.sum(-1).long() - 2
+    """Index of each prompt's last word token: CLIP's mask counts start + words + end, so sum - 2 (0, the start
+    token, for ''). T5 (SD3's third encoder, FLUX's token encoder) has no start token: words + end give the same
+    sum - 2, and its '' is '</s>' alone, whose index 0 stands in as CLIP's start token does (not -1, a pad row)."""
+    return (attention_mask.sum(-1).long() - 2).clamp(min=0)
 
 
 def aligned_rows(erase_emb: torch.Tensor, erase_mask: torch.Tensor, guide_emb: torch.Tensor, guide_mask: torch.Tensor,

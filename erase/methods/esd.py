@@ -13,6 +13,25 @@ authors' code: η (negative guidance) 1.0, sampling guidance 3, 50 DDIM steps, l
 edited (``--sampler student``, the default here); the authors' newer diffusers script samples
 with the frozen base (``--sampler base``). For class-conditional DDPMs the "prompt" is the class
 and ∅ the null class; ``esd-x`` needs cross-attention, so DDPMs take ``esd-u``.
+
+Flow models (SD3, FLUX) predict a velocity; the same target is formed from the teacher's velocities.
+On guidance-distilled FLUX.1-dev, which has no negative prompt but a *guidance embedding*:
+
+* ∅ is the encoded empty prompt (FLUX's pipeline has no negative side; the authors' FLUX code,
+  ``utils/esd_trainer.py`` ``FluxESDAdapter``, encodes ``""`` for its null prediction);
+* x_t is partially sampled by the pipeline's own call with ``--sample-guidance`` as the embedded guidance (the
+  authors' ``--inference_guidance_scale``, 3.5 there; erase keeps ESD's 3 for every family: pass 3.5 to match);
+* the teacher's ε(x_t, c) and ε(x_t, ∅) **and** the student's prediction are all evaluated at one embedded
+  guidance, ``--guidance-embedding`` (1, the authors' ``esd_flux.py`` ``--guidance_scale`` default, used for
+  all three transformer calls there). Why 1: ESD builds its own guidance, e_∅ − η(e_c − e_∅), from separate
+  conditional and unconditional predictions; a guidance-distilled model at embedded guidance g imitates
+  classifier-free guidance e_∅ + g(e_c − e_∅) of its teacher, so g = 1 gives the plain conditional prediction,
+  the quantity ESD's formula expects, instead of guidance compounded inside each term. Why the student at the
+  same value: the loss must compare like with like. A student read at another embedded guidance (say the
+  pipeline's 3.5) would differ from the target by the guidance gap F(x, c, 3.5) − F(x, c, 1) on every x_t even
+  with the concept already erased, and training would spend itself removing that gap: an edit of how the
+  embedded guidance acts, not of the concept.
+Models without a guidance embedding (SD, SDXL, SD3, FLUX.1-schnell) ignore ``--guidance-embedding``.
 """
 
 from __future__ import annotations
@@ -25,7 +44,7 @@ from torch.nn import functional as F
 
 from erase.engine.method import Method, MethodConfig, Phase
 from erase.errors import EraseError
-from erase.fields import opt
+from erase.fields import below_minimum, opt
 from erase.registry import register_method
 
 
@@ -37,7 +56,11 @@ class ESDConfig(MethodConfig):
     weight_decay: float = opt(0.0, "weight decay")
     batch_size: int = opt(1, "images sampled per step")
     negative_guidance: float = opt(1.0, "η: how far the target is pushed away from the concept")
-    sample_guidance: float = opt(3.0, "classifier-free guidance while sampling x_t")
+    sample_guidance: float = opt(3.0, "classifier-free guidance while sampling x_t (FLUX: the embedded guidance of "
+                                 "the pipeline's call; the authors' FLUX script samples at 3.5)")
+    guidance_embedding: float = opt(1.0, "guidance-distilled models (FLUX.1-dev): the embedded guidance of the "
+                                    "teacher's conditional and unconditional predictions and of the student's "
+                                    "(the authors' FLUX script: 1); ignored by models without a guidance embedding")
     ddim_steps: int = opt(50, "DDIM steps of the partial sampling schedule")
     sampler: str = opt("student", "which model samples x_t: the one being edited (original ESD) or the frozen base",
                        ("student", "base"))
@@ -52,6 +75,9 @@ class ESDConfig(MethodConfig):
             raise EraseError(f"--max-steps must be at least 1 (ESD trains for exactly that many steps), got {self.max_steps}")
         if self.ddim_steps < 2:
             raise EraseError(f"--ddim-steps must be at least 2, got {self.ddim_steps}")
+        problems = below_minimum(self, 0, "sample_guidance", "guidance_embedding")
+        if problems:
+            raise EraseError("; ".join(problems))
 
 
 class _ESD(Method):
@@ -102,11 +128,11 @@ class _ESD(Method):
 
     def target(self, ctx, x_t, t, concept: int = 0):
         task, n = ctx.task, x_t.shape[0]
-        dev = x_t.device
+        dev, g = x_t.device, self.config.guidance_embedding
         with torch.no_grad(), self._teacher(ctx) as teacher:
             tx = x_t.to(next(teacher.parameters()).dtype)
-            e0 = task.predict(teacher, tx, t, task.null_condition(n, dev)).float()
-            ec = task.predict(teacher, tx, t, task.concept_condition(n, dev, concept)).float()
+            e0 = task.predict(teacher, tx, t, task.null_condition(n, dev), guidance=g).float()
+            ec = task.predict(teacher, tx, t, task.concept_condition(n, dev, concept), guidance=g).float()
         return e0 - self.config.negative_guidance * (ec - e0)
 
     def losses(self, batch, ctx):
@@ -123,7 +149,7 @@ class _ESD(Method):
                 x_t, t = task.partial_sample(teacher, n, stop, cfg.ddim_steps, cfg.sample_guidance, seeds, k)
         x_t = x_t.detach().to(ctx.device, torch.float32)
         t = torch.as_tensor(t, device=ctx.device).expand(n)
-        pred = task.predict(ctx.model, x_t, t, task.concept_condition(n, ctx.device, k))
+        pred = task.predict(ctx.model, x_t, t, task.concept_condition(n, ctx.device, k), guidance=cfg.guidance_embedding)
         return {"esd": F.mse_loss(pred.float(), self.target(ctx, x_t, t, k))}
 
 

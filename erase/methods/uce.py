@@ -34,10 +34,11 @@ embedder (every text token, once, before the first block) and the first linear o
 text's embedder (the adaLN conditioning of every block): the layer map's ``text_inputs`` /
 ``pooled_inputs`` (module names in ``erase.diffusion.layers``). UCE's closed form is applied to those two, with the same
 λ and scales: token rows as above (SD3: the CLIP block, and T5's block with its own tokenizer's
-positions when the pipeline has T5; without T5 its rows are zeros and are left out), pooled rows one
-per prompt. Every block then reads the guide's text where it read the concept's, which is what
-UCE's per-layer K/V edit achieves on SD. ``--edit v`` has no meaning there and is refused. RECE's
-adversarial rounds run on the context embedder alone (its Eq. for c' is over the token projections).
+positions when the pipeline has T5; without T5 its rows are zeros and are left out; FLUX: T5's block,
+its whole token condition, CLIP entering only pooled), pooled rows one per prompt. Every block then
+reads the guide's text where it read the concept's, which is what UCE's per-layer K/V edit achieves on
+SD. ``--edit v`` has no meaning there and is refused. RECE's adversarial rounds run on the context
+embedder alone (its Eq. for c' is over the token projections).
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ class _ClosedForm(Method):
 
         The embedding is what the edited projections read (``task.text_segments``): SD one CLIP block; SDXL both
         encoders' concatenated penultimate states (both tokenizers give the same tokens, so one mask serves); SD3
-        the CLIP block and, with T5, T5's block with its own tokenizer's mask."""
+        the CLIP block and, with T5, T5's block with its own tokenizer's mask; FLUX T5's block alone."""
         unique = list(dict.fromkeys(prompts))
         blocks = [task.text_segments(unique[i:i + 64]) for i in range(0, len(unique), 64)]
         per_block = [(torch.cat([b[k][0] for b in blocks]).float(), torch.cat([b[k][1] for b in blocks]))
