@@ -147,7 +147,8 @@ def test_wrappers_are_unwrapped():
     from erase.diffusion.text_model import TextConditionedUNet
 
     unet = sd_unet()
-    wrapped = TextConditionedUNet(unet, nn.Linear(2, 2), tokenizer=None)
+    stack = SimpleNamespace(tokenizer=None, with_encoders=lambda encoders: SimpleNamespace(encoders=encoders))
+    wrapped = TextConditionedUNet(unet, [nn.Linear(2, 2)], stack)
     assert denoiser_of(wrapped) is unet and layer_map(wrapped) is SD_UNET
     assert denoiser_of(nn.DataParallel(wrapped)) is unet
     assert denoiser_of(torch.compile(unet)) is unet
