@@ -32,6 +32,17 @@ INTRO = {
         'from diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained(\n'
         '    "erase/zoo/fmnist-tiny-sd", safety_checker=None, requires_safety_checker=False)\n'
         'images = pipe(["a photo of a trouser"] * 4, num_inference_steps=25, guidance_scale=4.0).images'),
+    "flow": (
+        "fmnist-tiny-flow", "A tiny SD3-shaped rectified-flow text-to-image model in diffusers format "
+        "(`StableDiffusion3Pipeline` without T5): two small CLIPTextModelWithProjection encoders reading the exact CLIP "
+        "BPE tokenizer of `fmnist-tiny-sd`, an SD3Transformer2DModel (joint attention, RMS q/k norm as SD 3.5, patch 1) "
+        "on 4x8x8 latents of the tiny SD's VAE (with SD3's shift_factor convention), and a flow-matching Euler "
+        "scheduler. SD3-shaped rather than FLUX-shaped because `StableDiffusion3Pipeline` runs without its T5 encoder, "
+        "while `FluxPipeline` always tokenizes with T5, whose SentencePiece vocabulary cannot be built offline; "
+        "the same code path as SD 3 / 3.5, at 32x32.",
+        'from diffusers import StableDiffusion3Pipeline\npipe = StableDiffusion3Pipeline.from_pretrained(\n'
+        '    "erase/zoo/fmnist-tiny-flow", text_encoder_3=None, tokenizer_3=None)\n'
+        'images = pipe(["a photo of a trouser"] * 4, num_inference_steps=25, guidance_scale=4.0).images'),
     "ddpm": (
         "fmnist-ddpm", "A class-conditional pixel-space DDPM (UNet2DModel with class embeddings, 1 x 32 x 32) "
         "trained with a null class for classifier-free guidance: labels 0-9 are the classes, **label 10 is "
@@ -46,6 +57,7 @@ INTRO = {
 REGENERATE = {
     "classifier": "python -m erase.zoo.train_evaluator --output erase/zoo/fmnist-classifier",
     "sd": "python -m erase.zoo.train_tiny_sd --output erase/zoo/fmnist-tiny-sd   # trains the VAE first",
+    "flow": "python -m erase.zoo.train_tiny_flow --output erase/zoo/fmnist-tiny-flow   # reuses fmnist-tiny-sd's VAE",
     "ddpm": "python -m erase.zoo.train_ddpm --output erase/zoo/fmnist-ddpm",
 }
 CHECK = "python -m erase.zoo check   # quality numbers below; --quick for a smoke run"
@@ -54,7 +66,8 @@ CHECK = "python -m erase.zoo check   # quality numbers below; --quick for a smok
 def model_kind(model_dir: Path) -> str:
     index = model_dir / "model_index.json"
     if index.is_file():
-        return "sd" if json.loads(index.read_text()).get("_class_name") == "StableDiffusionPipeline" else "ddpm"
+        return {"StableDiffusionPipeline": "sd", "StableDiffusion3Pipeline": "flow"}.get(
+            json.loads(index.read_text()).get("_class_name"), "ddpm")
     return "classifier"
 
 
@@ -112,7 +125,7 @@ def render(model_dir: str | Path) -> str:
     kind = model_kind(model_dir)
     name, intro, usage = INTRO[kind]
     lines = [f"# {name}", "", intro, "", "## Data", "", DATA, ""]
-    if kind == "sd":
+    if kind in ("sd", "flow"):
         cap = card.get("training", {}).get("captions", {})
         lines += ["Captions: templates x class names with synonyms (`erase/zoo/captions.py`), "
                   f"{int(100 * cap.get('empty_rate', 0.1))} % empty captions for classifier-free guidance. "
@@ -123,8 +136,14 @@ def render(model_dir: str | Path) -> str:
     lines += ["## Training", ""]
     if kind == "sd" and "vae" in card:
         lines += _training_section("VAE (AutoencoderKL)", card["vae"])
+    if kind == "flow" and "vae" in card.get("training", {}):
+        v = card["training"]["vae"]
+        lines += ["### VAE (AutoencoderKL)", "", f"- {v['source']}; SD3's convention z = (x - shift_factor) x "
+                  f"scaling_factor with shift_factor {v['shift_factor']} (training latents' mean) and scaling_factor "
+                  f"{v['scaling_factor']} (1 / their std)", ""]
     if "training" in card:
-        title = {"sd": "Text encoder + UNet (joint)", "ddpm": "UNet2DModel", "classifier": "ResNet-18"}[kind]
+        title = {"sd": "Text encoder + UNet (joint)", "flow": "Two CLIP text encoders + SD3 transformer (joint)",
+                 "ddpm": "UNet2DModel", "classifier": "ResNet-18"}[kind]
         lines += _training_section(title, card["training"])
     if "quality" in card:
         lines += _quality_section(kind, card["quality"])

@@ -3,7 +3,7 @@
     python -m erase.zoo check            # full: 64 images per class per generator, cards updated
     python -m erase.zoo check --quick    # reduced: a smoke test in well under a minute
 
-For each Fashion-MNIST class the tiny SD gets the class prompt ("a photo of a trouser") and the
+For each Fashion-MNIST class the tiny SD (and the tiny flow model) gets the class prompt ("a photo of a trouser") and the
 DDPM the class label; every class uses its own fixed seed (``--seed`` + label). Generated images
 (gray = mean of RGB, in [0, 1]) are classified by ``fmnist-classifier``; the report has per-class
 and mean conditional accuracy and FID-fmnist: the Frechet distance between the evaluator's
@@ -25,14 +25,18 @@ from tqdm.auto import tqdm
 from erase import captions
 from erase.classifier.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from erase.classifier.models import classify, load_classifier
+from erase.diffusion.loading import model_kind
 from erase.metrics.fid import EvaluatorFeatures, fid_metric, fit_reference  # noqa: F401  (one FID implementation)
-from erase.storage import atomic_write_json, atomic_write_text, resolve_model_dir
-from erase.zoo.cards import model_kind, write_readme
+from erase.storage import ZOO_DIR, atomic_write_json, atomic_write_text, resolve_model_dir
+from erase.zoo.cards import write_readme
 from erase.zoo.common import machine, to_gray01, write_record
-from erase.zoo.sampling import load_ddpm, load_tiny_sd, sample_ddpm, sample_sd
+from erase.zoo.sampling import load_ddpm, load_tiny_flow, load_tiny_sd, sample_ddpm, sample_sd
 
 # Documented sampling settings of the check (also written into results and model cards).
 SD_SETTINGS = {"scheduler": "DDIM", "steps": 25, "guidance": 4.0}
+FLOW_SETTINGS = {"scheduler": "FlowMatchEuler", "steps": 25, "guidance": 4.0}
+# The bundled generators that are installed (the flow model is the newest; a checkout without it checks the others).
+GENERATORS = tuple(g for g in ("fmnist-tiny-sd", "fmnist-ddpm", "fmnist-tiny-flow") if (ZOO_DIR / g).is_dir())
 DDPM_SETTINGS = {"scheduler": "DDPM (ancestral)", "steps": 50, "guidance": 2.0}
 
 
@@ -123,10 +127,11 @@ def markdown(results: dict) -> str:
 
 
 def run_check(quick: bool = False, output: str | None = "results/zoo_check", seed: int = 1234,
-              update_cards: bool | None = None, generators=("fmnist-tiny-sd", "fmnist-ddpm"),
+              update_cards: bool | None = None, generators=None,
               classifier_name: str = "fmnist-classifier", threads: int | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
+    generators = GENERATORS if generators is None else generators
     classifier = load_classifier(classifier_name).eval()
     test = load_fashion_mnist(train=False, pad_to=32)
     n_ref = 200 if quick else len(test)
@@ -138,9 +143,11 @@ def run_check(quick: bool = False, output: str | None = "results/zoo_check", see
                "fid_reference_images": n_ref, "machine": machine(), "targets": {"mean": 80.0, "min_class": 50.0},
                "generators": {}}
     for name in generators:
-        if model_kind(resolve_model_dir(name)) == "sd":
-            settings = dict(SD_SETTINGS, steps=3) if quick else dict(SD_SETTINGS)
-            pipe = load_tiny_sd(name)
+        kind = model_kind(str(resolve_model_dir(name)))
+        if kind in ("sd", "sd3"):
+            base = SD_SETTINGS if kind == "sd" else FLOW_SETTINGS
+            settings = dict(base, steps=3) if quick else dict(base)
+            pipe = load_tiny_sd(name) if kind == "sd" else load_tiny_flow(name)
 
             def gen(label, k, g, pipe=pipe, s=settings):
                 return sample_sd(pipe, [captions.class_prompt(label)] * k, s["guidance"], s["steps"], g)
@@ -199,7 +206,8 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="reduced mode: 2 images per class, 3 sampling steps, 200 reference images")
     p.add_argument("--output", default="results/zoo_check", help="writes OUTPUT.json and OUTPUT.md ('' to skip)")
     p.add_argument("--seed", type=int, default=1234, help="class c uses seed SEED + c")
-    p.add_argument("--generators", nargs="+", default=["fmnist-tiny-sd", "fmnist-ddpm"])
+    p.add_argument("--generators", nargs="+", default=list(GENERATORS),
+                   help="bundled names or folders (default: every bundled generator)")
     p.add_argument("--update-cards", action=argparse.BooleanOptionalAction, default=None,
                    help="write the numbers into the model cards (default: in full mode)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")

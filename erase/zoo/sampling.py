@@ -33,7 +33,8 @@ def sample_ddpm(unet, scheduler, labels, guidance: float = 2.0, steps: int = 50,
 @torch.no_grad()
 def sample_sd(pipe, prompts: list[str], guidance: float = 4.0, steps: int = 25,
               generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images in [0, 1], shape (N, 3, H, W), from a StableDiffusionPipeline at its native size."""
+    """Images in [0, 1], shape (N, 3, H, W), from a StableDiffusionPipeline (or StableDiffusion3Pipeline) at its
+    native size."""
     out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
                output_type="pt", return_dict=True)
     return out.images.float().clamp(0, 1)
@@ -62,5 +63,16 @@ def load_tiny_sd(path="fmnist-tiny-sd", device="cpu", dtype=torch.float32):
     # No dtype argument: diffusers renamed torch_dtype to dtype; the bundled configs load as float32.
     pipe = StableDiffusionPipeline.from_pretrained(d, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
+
+
+def load_tiny_flow(path="fmnist-tiny-flow", device="cpu", dtype=torch.float32):
+    """A StableDiffusion3Pipeline without T5 from a folder or bundled name (its own flow-matching Euler scheduler)."""
+    # lazy: diffusers takes seconds to import
+    from diffusers import StableDiffusion3Pipeline
+
+    d = resolve_model_dir(path, kind="SD3 flow")
+    pipe = StableDiffusion3Pipeline.from_pretrained(d, text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
