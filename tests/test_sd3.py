@@ -301,3 +301,18 @@ def test_attack_command_runs_every_attack_on_an_erased_sd3(sd3, tmp_path):
     for name in union["attacks"]:
         records = list((out / "attacks" / name / "records").glob("*.json"))
         assert len(records) == 1 and json.loads(records[0].read_text())["adversarial_prompt"]
+
+
+def test_bundled_flow_model_end_to_end(tmp_path):
+    """--model fmnist-tiny-flow: a bundled name, Fashion-MNIST classes and evaluator, an erased model that reloads."""
+    out = tmp_path / "run"
+    args = ["--concept", "trouser", "--method", "uce", "--model", "fmnist-tiny-flow", "--retain-concepts", "dress",
+            "--output-dir", str(out), "--n-forget", "2", "--n-retain", "2", "--eval-images", "1", "--sample-steps", "2",
+            "--grid-seeds", "1", "--no-progress"]
+    assert run_cli(train_main, args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["evaluator"] == "fmnist-classifier" and "concept_acc" in metrics["after"]
+    resolved = (out / "config.yaml").read_text()
+    assert "erase_scale: 30.0" in resolved  # the bundled model's recipe (erase.yaml)
+    img = _pipe(out / "model")("a photo of a dress", num_inference_steps=2, output_type="pt").images
+    assert img.shape == (1, 3, 32, 32)

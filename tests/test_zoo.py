@@ -132,6 +132,24 @@ def test_bundled_tiny_sd_loads_offline_and_generates(offline):
         assert "_name_or_path" not in json.loads(cfg.read_text()), cfg
 
 
+def test_bundled_tiny_flow_loads_offline_and_generates(offline):
+    from diffusers import StableDiffusion3Pipeline
+
+    d = bundled("fmnist-tiny-flow")
+    # the plain diffusers call, no erase code: SD3 without T5 is loaded this way
+    pipe = StableDiffusion3Pipeline.from_pretrained(d, text_encoder_3=None, tokenizer_3=None)
+    assert {pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype, pipe.vae.dtype} == {torch.float32}
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and pipe.vae.config.shift_factor
+    pipe.set_progress_bar_config(disable=True)
+    t0 = time.perf_counter()
+    out = pipe("a photo of a trouser", num_inference_steps=25, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert time.perf_counter() - t0 < 20
+    assert out.images.shape == (1, 3, 32, 32)
+    for cfg in d.rglob("*.json"):
+        assert "_name_or_path" not in json.loads(cfg.read_text()), cfg
+
+
 def test_ancestral_ddpm_sampling_depends_on_the_seed_only():
     """DDPM steps draw fresh noise: it must come from each image's own generator, not the global RNG."""
     from diffusers import DDPMScheduler
@@ -172,7 +190,7 @@ def test_bundled_classifier_loads_and_classifies(offline):
 
 
 def test_bundle_is_small_fp16_and_carded():
-    names = ["fmnist-classifier", "fmnist-tiny-sd", "fmnist-ddpm"]
+    names = ["fmnist-classifier", "fmnist-tiny-sd", "fmnist-ddpm", "fmnist-tiny-flow"]
     for n in names:
         bundled(n)
     from safetensors import safe_open
@@ -181,24 +199,26 @@ def test_bundle_is_small_fp16_and_carded():
     for n in names:
         d = ZOO_DIR / n
         assert (d / "README.md").is_file()
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        assert size <= 26 * 2**20, (n, size)  # each model: fp16 weights plus its tokenizer files
+        total += size
         for f in d.rglob("*"):
-            if f.is_file():
-                total += f.stat().st_size
             if f.suffix == ".safetensors":
                 with safe_open(str(f), "pt") as st:
                     dtypes = {st.get_slice(k).get_dtype() for k in st.keys()}
                 assert dtypes <= {"F16", "I64"}, (f, dtypes)
-    assert total <= 25 * 2**20
+    assert total <= 50 * 2**20
 
 
 def test_check_quick(tmp_path, offline):
-    for n in ("fmnist-classifier", "fmnist-tiny-sd", "fmnist-ddpm"):
+    generators = ("fmnist-tiny-sd", "fmnist-ddpm", "fmnist-tiny-flow")
+    for n in ("fmnist-classifier", *generators):
         bundled(n)
     from erase.zoo.__main__ import main
 
     assert main(["check", "--quick", "--output", str(tmp_path / "zoo_check")]) == 0
     res = json.loads((tmp_path / "zoo_check.json").read_text())
-    assert res["quick"] and set(res["generators"]) == {"fmnist-tiny-sd", "fmnist-ddpm"}
+    assert res["quick"] and set(res["generators"]) == set(generators)  # every bundled generator by default
     for r in res["generators"].values():
         assert len(r["per_class_accuracy"]) == 10 and r["fid_fmnist"] >= 0
     assert "FID-fmnist" in (tmp_path / "zoo_check.md").read_text()

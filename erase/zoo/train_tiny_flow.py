@@ -93,7 +93,9 @@ def main(argv=None) -> None:
     p.add_argument("--output", required=True, help="pipeline folder to write (e.g. erase/zoo/fmnist-tiny-flow)")
     p.add_argument("--work-dir", default="work/zoo/tiny-flow", help="checkpoints and the latent cache")
     p.add_argument("--vae", default=None, help="an AutoencoderKL folder; default: the bundled fmnist-tiny-sd's vae/")
-    p.add_argument("--steps", type=int, default=3500)
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps to run")
+    p.add_argument("--schedule-steps", type=int, default=3500,
+                   help="horizon of the cosine learning-rate schedule (the shipped model stopped at step 2000 of 3500)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--ema-decay", type=float, default=0.999)
@@ -124,7 +126,7 @@ def main(argv=None) -> None:
     modules = [*encoders, transformer]
     params = [q for m in modules for q in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=200, num_training_steps=args.steps)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=200, num_training_steps=args.schedule_steps)
     *encoders, transformer, opt, sched = accelerator.prepare(*encoders, transformer, opt, sched)
     ema = EMAModel(params, decay=args.ema_decay)
     names = [f"{prefix}.{n}" for prefix, m in zip(("text_encoder", "text_encoder_2", "transformer"), modules)
