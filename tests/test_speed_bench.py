@@ -54,3 +54,124 @@ def test_sd14_configs_match_the_published_architecture():
         unet = UNet2DConditionModel(**cfg)
     assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 859.5
     assert sum(1 for n, _ in unet.named_modules() if n.endswith("attn2")) == 16
+
+
+# -- SDXL / SD3 at full size (erase.bench.speed_fullsize): the tiny plan, the estimate and its skip rule --------
+
+def _rows(path):
+    return json.loads(path.read_text())
+
+
+def test_fullsize_families_tiny_rows_refusals_and_merge(tmp_path):
+    only = "esd-x,esd-x+bf16,esd-u+lora+gc,salun+lora,uce-1,den:lora+gc,den:esd-x+bf16"
+    for family in ("sd3", "sdxl"):
+        assert speed.main(["--family", family, "--tiny", "--in-process", "--only", only, "--out-dir", str(tmp_path)]) == 0
+    data = _rows(tmp_path / "speed_fullsize_tiny.json")
+    assert set(data["families"]) == {"sd3", "sdxl"}  # the second run kept the first family's section
+    for family, section in data["families"].items():
+        rows = section["measurements"]
+        assert list(rows) == only.split(",")
+        for name in ("esd-x", "esd-x+bf16", "esd-u+lora+gc", "den:lora+gc", "den:esd-x+bf16"):
+            r = rows[name]["result"]
+            assert "error" not in r, (family, name, r.get("error"))
+            assert r["main_s"] > 0 and r["peak_rss_gb"] > 0 and r["trainable_params"] > 0
+        assert "bfloat16" in rows["esd-x+bf16"]["result"]["autocast_dtypes"]  # autocast really ran in bf16
+        assert "bfloat16" in rows["den:esd-x+bf16"]["result"]["autocast_dtypes"]
+        assert rows["esd-u+lora+gc"]["result"]["lora_rank"] == 4
+        assert "saliency mask" in rows["salun+lora"]["refused"] and "result" not in rows["salun+lora"]
+        for r in rows.values():
+            assert r["estimate"]["total_gib"] > 0 and "= " in r["estimate"]["arithmetic"]
+    assert "closed-form edit" in data["families"]["sd3"]["measurements"]["uce-1"]["refused"]  # UCE refuses SD3
+    assert data["families"]["sdxl"]["measurements"]["uce-1"]["result"]["matrices"] > 0
+    assert data["families"]["sd3"]["t5"]["params"] > 4.7e9 and data["families"]["sdxl"]["t5"] is None
+    md = (tmp_path / "speed_fullsize_tiny.md").read_text()
+    assert "## SDXL base 1.0 (tiny size)" in md and "## SD3-medium (without T5) (tiny size)" in md
+    assert all(f"\n| {n} | " in md for n in only.split(","))
+    assert "refused by the method" in md and "an estimate of GPU memory, not a measurement" in md
+
+
+def test_skip_rule_runs_nothing_over_budget(tmp_path):
+    # Every tiny estimate carries the 1 GiB base: a 0.5 GiB budget leaves nothing to run (and nothing is built).
+    assert speed.main(["--family", "sdxl", "--tiny", "--in-process", "--only", "esd-x,den:lora,salun+lora",
+                       "--budget-gib", "0.5", "--out-dir", str(tmp_path)]) == 0
+    section = _rows(tmp_path / "speed_fullsize_tiny.json")["families"]["sdxl"]
+    rows = section["measurements"]
+    for name in ("esd-x", "den:lora"):
+        assert rows[name]["skipped"].startswith("not run: estimated") and "0.5 GiB budget" in rows[name]["skipped"]
+        assert "result" not in rows[name]
+    assert "refused" in rows["salun+lora"]  # a refusal is reported as such, whatever the budget
+    assert section["build"] == {"skipped": "nothing to measure"}
+    assert "| esd-x | " in (tmp_path / "speed_fullsize_tiny.md").read_text()
+
+
+def test_full_size_plan_counts_and_estimates():
+    """The published configs build the published parameter counts; the estimate skips what cannot fit in 14 GiB."""
+    from erase.bench import speed_fullsize as fs
+    from erase.bench.speed_configs import FULL
+
+    names = ["esd-x", "esd-u", "esd-x+lora", "uce-1", "den:lora+gc", "den:esd-u"]
+    sdxl_facts, sdxl = fs.plan("sdxl", FULL["sdxl"], 256, names, 14.0)
+    assert all(v["match"] for v in fs.published_check("sdxl", sdxl_facts["params"]).values())
+    assert sdxl_facts["params"]["unet"] == 2_567_463_684
+    # Full-weight ESD-u on SDXL: weights + teacher + Adam on 2 B parameters, ~47 GiB: not run.
+    assert sdxl["esd-u"]["estimate"]["total_gib"] > 40 and sdxl["esd-u"]["skipped"].startswith("not run")
+    assert "esd-x" in sdxl and "skipped" in sdxl["esd-x"]
+    assert "skipped" not in sdxl["den:lora+gc"] and sdxl["den:lora+gc"]["estimate"]["total_gib"] < 14
+    sd3_facts, sd3 = fs.plan("sd3", FULL["sd3"], 256, names, 14.0)
+    assert all(v["match"] for v in fs.published_check("sd3", sd3_facts["params"]).values())
+    assert "refused" in sd3["uce-1"]
+    assert sd3_facts["activations_gib"]["gib"] < sd3_facts["activations_gib"]["plain_gib"]  # checkpointing saves
+    # The arithmetic adds up: the terms held throughout plus the larger phase.
+    e = sd3["esd-x"]["estimate"]
+    held = sum(v for k, v in e["terms_gib"].items() if not k.startswith(("setup ", "step ")))
+    phase = max(sum(v for k, v in e["terms_gib"].items() if k.startswith(p)) for p in ("setup ", "step "))
+    assert abs(held + phase - e["total_gib"]) < 0.02
+
+
+def test_estimate_covers_the_sd14_measurements():
+    from pathlib import Path
+
+    from erase.bench.speed_fullsize import calibration
+
+    rows = {r["measurement"]: r for r in calibration(Path(__file__).parents[1] / "results" / "speed.json")}
+    for name in ("esd-x", "esd-x+gc", "esd-u", "esd-u+gc", "uce-1"):
+        assert rows[name]["covers"], rows[name]
+
+
+def test_prompt_rows_match_the_task(tmp_path):
+    from erase.bench.speed_fullsize import PROMPT_ROWS
+    from erase.bench.speed_measure import _task
+    from tests.tiny_diffusion import tiny_sd3
+
+    assert len(_task(tiny_sd3(tmp_path / "m")).embeds) == PROMPT_ROWS
+
+
+def test_memory_limit_fails_the_process_not_the_machine():
+    import subprocess
+    import sys
+
+    code = ("from erase.bench.speed_memory import limit_memory; import torch; limit_memory({gib}); "
+            "torch.ones(2**28, dtype=torch.uint8); torch.ones(2**30, dtype=torch.uint8)")
+    over = subprocess.run([sys.executable, "-c", code.format(gib=0.5)], capture_output=True, text=True)
+    assert over.returncode != 0 and ("alloc" in over.stderr.lower() or "memory" in over.stderr.lower())
+    under = subprocess.run([sys.executable, "-c", code.format(gib=4)], capture_output=True, text=True)
+    assert under.returncode == 0, under.stderr[-500:]
+
+
+def test_flux_estimate_counts_from_the_architecture():
+    from erase.bench.speed_flux import flux_estimate, text_attention_by_hand
+
+    f = flux_estimate()
+    assert f["params"]["transformer"] == f["published_transformer"] == 11_901_408_320
+    assert f["text_attention"] == text_attention_by_hand() == 717_464_320
+    assert f["lora_params"]["16"] == 4 * f["lora_params"]["4"] > 0
+    lo, hi = f["activation_range_gib"]
+    assert 0 < lo < hi
+    assert f["kind"] == "estimate, not a measurement"
+
+
+def test_unknown_fullsize_measurement_is_refused(tmp_path):
+    with pytest.raises(EraseError, match="--only"):
+        speed.main(["--family", "sd3", "--tiny", "--only", "uce-1+gc", "--out-dir", str(tmp_path)])
+    with pytest.raises(EraseError, match="--only"):
+        speed.main(["--family", "sd3", "--tiny", "--only", "den:lora+lora", "--out-dir", str(tmp_path)])

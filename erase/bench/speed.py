@@ -36,10 +36,7 @@ test suite does with ``--tiny``); peak RSS is then cumulative and the report say
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,34 +45,14 @@ from pathlib import Path
 import torch
 
 import erase.diffusion.task  # noqa: F401
+from erase.bench import speed_fullsize
 from erase.bench.common import describe_machine, machine_info, set_threads
-from erase.diffusion.task import DiffusionConfig, DiffusionTask
-from erase.engine import RunContext
-from erase.engine.masking import ParameterMask
-from erase.engine.optim import build_optimizer
-from erase.engine.streams import Stream, move_to
+from erase.bench.speed_configs import SD14
+from erase.bench.speed_measure import Clock, measure_rece, measure_step, measure_uce, peak_rss_gb, run_in_child
+from erase.bench.speed_memory import BUDGET_GIB, LIMIT_GIB
 from erase.errors import EraseError
-from erase.methods import get_method
-from erase.methods._closed_form import uce_edit, uce_map
-from erase.methods.rece import RECE, RECEConfig
-from erase.methods.uce import UCE, UCEConfig, kv_projections
 from erase.storage import ZOO_DIR, atomic_write_json, atomic_write_text
 
-# Stable Diffusion v1.4 (CompVis/stable-diffusion-v1-4, unet/text_encoder/vae config.json), except
-# sample_size 32 so the pipeline's default resolution is the benchmark's 256 px.
-SD14 = {
-    "unet": dict(sample_size=32, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
-                 freq_shift=0, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(320, 640, 1280, 1280),
-                 layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32,
-                 norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8),
-    "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                         projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1),
-    "vae": dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512),
-}
 TINY = {
     "unet": dict(sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(16, 32), layers_per_block=1,
@@ -90,9 +67,6 @@ TINY = {
 # v1.4's scheduler_config.json noise schedule.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-ESD_DDIM_STEPS = 50
-ESD_MEAN_STOP = 24  # ESD draws the partial-sampling stop uniformly from 0..49
-
 MEASUREMENTS = ["uce-1", "uce-10", "uce-100", "rece-1"] + [
     f"{m}{gc}" for m in ("esd-x", "esd-u", "salun") for gc in ("", "+gc")]
 WHAT = {
@@ -120,158 +94,14 @@ def build_pipeline(configs: dict):
         scheduler=DDIMScheduler(**SCHEDULE), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def _rss_gb() -> float:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except (OSError, ValueError):
-        return float("nan")
-
-
-def _peak_rss_gb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
-
-
-def _task(model_dir: Path, concept: str = "garbage truck", gradient_checkpointing: bool = False,
-          streams: tuple[str, ...] = ()):
-    cfg = DiffusionConfig(model=str(model_dir), concept=concept, n_forget=1, n_retain=1, sample_steps=2,
-                          eval_images=1, gradient_checkpointing=gradient_checkpointing)
-    return DiffusionTask(cfg, streams=streams)
-
-
-def _ctx(task, model, out: Path):
-    # lazy: accelerate pulls in torch
-    from accelerate import Accelerator
-
-
-    return RunContext(accelerator=Accelerator(cpu=not torch.cuda.is_available()), model=model, task=task,
-                      views=task.views, output_dir=out, seed=0, progress=False)
-
-
-class _Clock:
-    def __init__(self):
-        self.times: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        clock = self
-
-        class _Span:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.times[name] = round(time.perf_counter() - self.t, 4)
-
-        return _Span()
-
-
-# -- measurements --------------------------------------------------------------------------------------
-
 def measure_build(model_dir: Path, configs: dict) -> dict:
-    clock = _Clock()
+    clock = Clock()
     with clock("build_s"):
         pipe = build_pipeline(configs)
     with clock("save_s"):
         pipe.save_pretrained(model_dir, safe_serialization=True)
     params = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) for k in ("unet", "text_encoder", "vae")}
     return {"times": clock.times, "main_s": clock.times["build_s"], "params": params}
-
-
-def measure_uce(model_dir: Path, out: Path, n: int) -> dict:
-    clock = _Clock()
-    names = [f"concept {i}" for i in range(n)]
-    with clock("load_s"):
-        task = _task(model_dir, ",".join(names))  # several concepts at once
-        model = task.build_model(False)
-    rss_loaded = _rss_gb()
-    method = UCE(UCEConfig())
-    method.check_task(task)
-    layers = kv_projections(task.layer_map(model), model, method.config.edit)
-    with clock("encode_s"):
-        erase, guide, keep, n_preserve = method.uce_rows(task)
-    cfg, ps = method.config, method.effective_preserve_scale(n_preserve)
-    with clock("solve_s"):
-        method.edit_layers(layers, uce_map(erase, guide, keep, cfg.lamb, cfg.erase_scale, ps))
-    with clock("per_layer_solve_s"):
-        for _, lin in layers:
-            uce_edit(lin.weight, erase, guide, keep, cfg.lamb, cfg.erase_scale, ps)
-    with clock("save_s"):
-        task.save_model(model, out)
-    t = clock.times
-    t["edit_s"] = round(t["encode_s"] + t["solve_s"], 4)
-    t["load_to_saved_s"] = round(t["load_s"] + t["edit_s"] + t["save_s"], 4)
-    return {"times": t, "main_s": t["edit_s"], "rss_loaded_gb": rss_loaded, "matrices": len(layers),
-            "erase_rows": len(erase), "preserve_rows": len(keep)}
-
-
-def measure_rece(model_dir: Path, out: Path) -> dict:
-    clock = _Clock()
-    with clock("load_s"):
-        task = _task(model_dir)
-        model = task.build_model(False)
-    rss_loaded = _rss_gb()
-    method = RECE(RECEConfig(epochs=1))
-    method.check_task(task)
-    with clock("edit_s"):
-        method.apply(_ctx(task, model, out))
-    return {"times": clock.times, "main_s": clock.times["edit_s"], "rss_loaded_gb": rss_loaded}
-
-
-def _seed_for_stop(stop: int) -> int:
-    """A seed under which ESD's first draw, randint(0, ddim_steps), is ``stop``."""
-    for seed in range(100_000):
-        torch.manual_seed(seed)
-        if int(torch.randint(0, ESD_DDIM_STEPS, (1,))) == stop:
-            return seed
-    raise RuntimeError(f"no seed draws stop {stop}")
-
-
-def measure_step(model_dir: Path, out: Path, name: str, gradient_checkpointing: bool) -> dict:
-    clock = _Clock()
-    cls = get_method(name, "diffusion")
-    with clock("load_s"):
-        task = _task(model_dir, gradient_checkpointing=gradient_checkpointing, streams=cls.streams)
-        model = task.build_model(False)
-    rss_loaded = _rss_gb()
-    cfg = cls.Config(**{**cls.task_defaults.get("diffusion", {}), "batch_size": 1})
-    if hasattr(cfg, "ddim_steps"):
-        cfg.ddim_steps = ESD_DDIM_STEPS
-    method = cls(cfg)
-    method.check_task(task)
-    ctx = _ctx(task, model, out)
-    with clock("setup_s"):
-        method.setup(ctx)
-        masks = method.parameter_masks(ctx)
-        masker = ParameterMask(model, masks) if masks else None
-    optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
-    weights = method.weights()
-    streams = {s: Stream(task.views[s], cfg.batch_size, 0, s) for s in method.streams}
-    model.train()
-
-    def step(seed: int) -> None:  # the engine's inner loop (erase.engine.loop.run_method) for one step
-        torch.manual_seed(seed)
-        batch = {s: move_to(streams[s].next(), ctx.device) for s in method.streams}
-        terms = method.losses(batch, ctx)
-        sum(weights[k] * v for k, v in terms.items()).backward()
-        if masker is not None:
-            masker.mask_grads()
-        optimizer.step()
-        if masker is not None:
-            masker.restore()
-        optimizer.zero_grad(set_to_none=True)
-
-    at_once = _seed_for_stop(0)
-    with clock("warmup_s"):
-        step(at_once)
-    with clock("step_s"):
-        step(at_once)
-    if name.startswith("esd"):
-        with clock("esd_iter_s"):
-            step(_seed_for_stop(ESD_MEAN_STOP))
-    trainable = sum(int(m.sum()) for m in masks.values()) if masks else sum(p.numel() for p in model.parameters())
-    return {"times": clock.times, "main_s": clock.times["step_s"], "rss_loaded_gb": rss_loaded,
-            "trainable_params": trainable, "gradient_checkpointing": gradient_checkpointing}
 
 
 def measure(name: str, model_dir: Path, out: Path) -> dict:
@@ -295,6 +125,8 @@ def _describe(name: str) -> str:
 
 def _child(args) -> int:
     """One measurement in this (fresh) process; its record goes to ``--result``."""
+    if args.family != "sd14":
+        return speed_fullsize.child(args)
     set_threads(args.threads)
     import accelerate  # noqa: F401 - imported before any clock starts: load_s is loading, not importing
     import diffusers  # noqa: F401
@@ -307,26 +139,15 @@ def _child(args) -> int:
         record = measure_build(Path(args.model_dir), TINY if args.tiny else SD14)
     else:
         record = measure(args.child, Path(args.model_dir), out)
-    record["peak_rss_gb"] = _peak_rss_gb()
+    record["peak_rss_gb"] = peak_rss_gb()
     atomic_write_json(record, Path(args.result))
     return 0
 
 
 def _run_child(name: str, args, model_dir: Path, work: Path) -> dict:
     result = work / f"{name}.json"
-    cmd = [sys.executable, "-m", "erase.bench.speed", "--child", name, "--model-dir", str(model_dir), "--result",
-           str(result), "--threads", str(args.threads)] + (["--tiny"] if args.tiny else [])
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not result.is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
-        return {"error": f"exit {proc.returncode}{killed}: {tail[0]}", "process_s": round(time.perf_counter() - t0, 1)}
-    record = json.loads(result.read_text())
-    record["process_s"] = round(time.perf_counter() - t0, 1)
-    return record
+    return run_in_child(["--child", name, "--model-dir", str(model_dir), "--result", str(result), "--threads",
+                         str(args.threads)] + (["--tiny"] if args.tiny else []), result)
 
 
 def _run_here(name: str, args, model_dir: Path, work: Path) -> dict:
@@ -344,7 +165,7 @@ def _run_here(name: str, args, model_dir: Path, work: Path) -> dict:
             os.environ.pop("ERASE_CACHE", None)
         else:
             os.environ["ERASE_CACHE"] = old
-    record["peak_rss_gb"] = _peak_rss_gb()
+    record["peak_rss_gb"] = peak_rss_gb()
     return record
 
 
@@ -373,20 +194,46 @@ def report(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _main_fullsize(args) -> int:
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or speed_fullsize.default_measurements()
+    for n in names:
+        speed_fullsize.parse(n)
+    if args.budget_gib <= 0 or args.limit_gib < 0 or args.timeout_s < 0:
+        raise EraseError("--budget-gib must be > 0, --limit-gib and --timeout-s >= 0 (0: no cap)")
+    if args.resolution <= 0 or args.resolution % 16:
+        raise EraseError(f"--resolution must be a positive multiple of 16, got {args.resolution}")
+    section = speed_fullsize.run(args, names)
+    path = speed_fullsize.write(section, Path(args.out_dir), args.tiny)
+    print(path.with_suffix(".md").read_text())
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m erase.bench.speed", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="sd14", choices=("sd14",) + speed_fullsize.FAMILIES,
+                   help="sd14: the SD-1.4 table (speed.*); sdxl / sd3: SDXL base 1.0 / SD3-medium at full size "
+                        "within a memory budget (speed_fullsize.*, erase/bench/speed_fullsize.py)")
     p.add_argument("--tiny", action="store_true", help="tiny configs (seconds; what the test suite runs)")
-    p.add_argument("--only", default="", help=f"comma-separated measurements (default all: {', '.join(MEASUREMENTS)})")
+    p.add_argument("--only", default="", help=f"comma-separated measurements (default all: {', '.join(MEASUREMENTS)}; "
+                   f"sdxl/sd3: {', '.join(speed_fullsize.default_measurements())}, flags combine: esd-x+lora+gc)")
     p.add_argument("--out-dir", default="results", help="where speed.json / speed.md (speed_tiny.* with --tiny) go")
     p.add_argument("--threads", type=int, default=1, help="torch threads per measurement (0: all cores when idle)")
     p.add_argument("--in-process", action="store_true", help="no subprocesses (peak RSS becomes cumulative)")
+    p.add_argument("--resolution", type=int, default=speed_fullsize.PIXELS, help="sdxl/sd3: image side in pixels")
+    p.add_argument("--budget-gib", type=float, default=BUDGET_GIB,
+                   help="sdxl/sd3: measurements estimated above this are not run")
+    p.add_argument("--limit-gib", type=float, default=LIMIT_GIB,
+                   help="sdxl/sd3: resident-memory cap of each measurement's process (0: none)")
+    p.add_argument("--timeout-s", type=float, default=0, help="sdxl/sd3: stop a measurement after this long (0: never)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return _child(args)
+    if args.family != "sd14":
+        return _main_fullsize(args)
 
     names = [n.strip() for n in args.only.split(",") if n.strip()] or MEASUREMENTS
     unknown = [n for n in names if n not in MEASUREMENTS]
