@@ -15,6 +15,7 @@ from erase.cli import run_cli
 from erase.diffusion.conditioning import PooledText
 from erase.diffusion.layers import layer_map
 from erase.engine import LoopSettings, run_method
+from erase.engine.masking import ParameterMask
 from erase.train import main as train_main
 from tests.test_diffusion import FAST, _ctx
 from tests.tiny_diffusion import tiny_sd3
@@ -316,3 +317,26 @@ def test_bundled_flow_model_end_to_end(tmp_path):
     assert "erase_scale: 30.0" in resolved  # the bundled model's recipe (erase.yaml)
     img = _pipe(out / "model")("a photo of a dress", num_inference_steps=2, output_type="pt").images
     assert img.shape == (1, 3, 32, 32)
+
+
+def test_lora_teacher_keeps_a_masked_adapter_frozen_and_checkpointing_works(sd3, tmp_path):
+    """base_weights turns the adapters off and on again; peft's enable_adapters would mark every adapter weight
+    trainable, undoing ESD-x's mask (only the text attention's adapters train), and under gradient checkpointing
+    the recomputed forward would then differ from the first (CheckpointError)."""
+    cls = erase.get_method("esd-x")
+    task = _task(sd3, streams=(), lora_rank=4, gradient_checkpointing=True)
+    method = cls(cls.Config(max_steps=2, ddim_steps=3))
+    ctx = _ctx(task, tmp_path)
+    model = ctx.model
+    method.setup(ctx)
+    masker = ParameterMask(model, method.parameter_masks(ctx))
+    frozen = [n for n, p in model.named_parameters() if "lora" in n and not p.requires_grad]
+    assert frozen and all(".attn.add_" in n or ".attn.to_add_out" in n
+                          for n, p in model.named_parameters() if "lora" in n and p.requires_grad)
+    model.train()
+    for _ in range(2):  # a second step: the first teacher call must not have unfrozen anything
+        loss = method.losses({}, ctx)["esd"]
+        loss.backward()
+        masker.mask_grads()
+    params = dict(model.named_parameters())
+    assert not any(params[n].requires_grad or params[n].grad is not None for n in frozen)

@@ -718,12 +718,21 @@ class DiffusionTask(DenoisingTask):
 
     @contextmanager
     def base_weights(self, unet):
-        """The base model's predictions from the same module: LoRA adapters switched off meanwhile."""
+        """The base model's predictions from the same module: LoRA adapters switched off meanwhile.
+
+        peft's ``enable_adapters`` marks every weight of the active adapter trainable again, which would undo a
+        parameter mask's freezing (ESD-x trains the text attention's adapters only): each parameter's
+        ``requires_grad`` is put back as it was. Without that, the frozen adapters collect gradients after the
+        first teacher call, and under gradient checkpointing the recomputed forward no longer matches the
+        first one (torch.utils.checkpoint's CheckpointError on SD3)."""
+        flags = [(p, p.requires_grad) for p in unet.parameters()]
         unet.disable_adapters()
         try:
             yield unet
         finally:
             unet.enable_adapters()
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def loss(self, model, batch: dict, **_) -> torch.Tensor:
         """Denoising MSE at a uniformly drawn timestep (target: noise, velocity, or a relabeled prediction)."""
