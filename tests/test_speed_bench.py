@@ -81,8 +81,10 @@ def test_fullsize_families_tiny_rows_refusals_and_merge(tmp_path):
         assert "saliency mask" in rows["salun+lora"]["refused"] and "result" not in rows["salun+lora"]
         for r in rows.values():
             assert r["estimate"]["total_gib"] > 0 and "= " in r["estimate"]["arithmetic"]
-    assert "closed-form edit" in data["families"]["sd3"]["measurements"]["uce-1"]["refused"]  # UCE refuses SD3
+    sd3_uce = data["families"]["sd3"]["measurements"]["uce-1"]["result"]  # the context embedder, and the pooled edit
+    assert sd3_uce["matrices"] == 1 and sd3_uce["times"]["pooled_s"] > 0
     assert data["families"]["sdxl"]["measurements"]["uce-1"]["result"]["matrices"] > 0
+    assert "pooled_s" not in data["families"]["sdxl"]["measurements"]["uce-1"]["result"]["times"]
     assert data["families"]["sd3"]["t5"]["params"] > 4.7e9 and data["families"]["sdxl"]["t5"] is None
     md = (tmp_path / "speed_fullsize_tiny.md").read_text()
     assert "## SDXL base 1.0 (tiny size)" in md and "## SD3-medium (without T5) (tiny size)" in md
@@ -119,7 +121,7 @@ def test_full_size_plan_counts_and_estimates():
     assert "skipped" not in sdxl["den:lora+gc"] and sdxl["den:lora+gc"]["estimate"]["total_gib"] < 14
     sd3_facts, sd3 = fs.plan("sd3", FULL["sd3"], 256, names, 14.0)
     assert all(v["match"] for v in fs.published_check("sd3", sd3_facts["params"]).values())
-    assert "refused" in sd3["uce-1"]
+    assert "refused" not in sd3["uce-1"]  # UCE edits SD3's context embedder
     assert sd3_facts["activations_gib"]["gib"] < sd3_facts["activations_gib"]["plain_gib"]  # checkpointing saves
     # The arithmetic adds up: the terms held throughout plus the larger phase.
     e = sd3["esd-x"]["estimate"]

@@ -3,6 +3,7 @@
     python -m erase.bench.speed                    # SD-1.4 architecture with random weights
     python -m erase.bench.speed --only uce-1,rece-1
     python -m erase.bench.speed --tiny             # tiny configs: the whole benchmark in seconds
+    python -m erase.bench.speed --family sdxl      # SDXL / SD3-medium at full size: erase/bench/speed_fullsize.py
 
 The cost of a closed-form solve or an optimiser step does not depend on the weights' values, so the
 pipeline is built from the published v1.4 configs (``SD14`` below) with random weights and saved

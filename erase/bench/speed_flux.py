@@ -1,9 +1,9 @@
 """GPU memory of erasure training on FLUX.1-dev, *estimated* from parameter counts (nothing is built or run).
 
-FLUX.1-dev's transformer has 11.9 B parameters (48 GB in fp32), beyond this CPU machine, and erase does
-not load FLUX (``erase.diffusion.loading`` refuses it); the layer map does exist
-(``erase.diffusion.layers.FLUX``). So the transformer is built on the meta device from its published
-config (``speed_configs.FLUX_DEV``) and counted: its total, the text-attention parameters that ``esd-x``
+FLUX.1-dev's transformer has 11.9 B parameters (48 GB in fp32), beyond this CPU machine: erase loads
+FLUX (kind "flux", ``erase.diffusion.loading``) but the benchmark cannot build it here. So the
+transformer is built on the meta device from its published config (``speed_configs.FLUX_DEV``) and
+counted: its total, the text-attention parameters that ``esd-x``
 trains (the layer map's text stream of the 19 double-stream blocks), and the LoRA adapters on the
 family's default targets. The other components' counts are the published ones
 (``speed_configs.PUBLISHED_PARAMS["flux"]``: T5-v1.1-XXL encoder 4.762 B, CLIP-L 123.1 M, the 16-channel

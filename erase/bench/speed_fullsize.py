@@ -18,9 +18,11 @@ phase holds). Measurements, all at 256 px (``--resolution``), batch 1:
   on the family's default LoRA targets); flags combine (``esd-x+lora+gc``);
 * ``uce-1`` — UCE's closed-form edit of one concept (load, encode, solve, save).
 
-Refusals are the methods' own: SalUn refuses LoRA (its mask is defined on the weights), UCE refuses SD3
-(the MMDiT's text keys/values read a text stream every block updates, ``erase.methods.uce.kv_projections``);
-such rows say so and are not run.
+Refusals are the methods' own (asked of the method's config check or its layer selection before
+anything is built): SalUn refuses LoRA (its mask is defined on the weights); such rows say so and are
+not run. UCE on SD3 edits the layers that read the encoders' output (the context embedder and the
+pooled text's embedder, ``erase.methods.uce``; the SD3 keys/values read a text stream every block
+updates), and its row times that edit, the pooled part as ``pooled_s``.
 
 Memory safety: before a measurement starts, its peak is estimated from parameter counts
 (``speed_memory``: weights, ESD's teacher copy, masks, gradients and Adam state of the trained
@@ -425,7 +427,8 @@ def _flux_report(f: dict) -> list[str]:
     a = f["activations_gib"]
     lines = ["## FLUX.1-dev: an estimate of GPU memory, not a measurement", "",
              "Computed by `erase/bench/speed_flux.py` from parameter counts (the transformer built on the meta "
-             "device from the published config; the other components' published counts); erase does not load FLUX.",
+             "device from the published config; the other components' published counts); too large to build on this "
+             "machine (48 GB in fp32).",
              "",
              "- parameters: " + ", ".join(f"{k} {v / 1e9:.3f} B" for k, v in f["params"].items())
              + f" (transformer published: {f['published_transformer'] / 1e9:.3f} B)",

@@ -30,7 +30,7 @@ from erase.engine.streams import Stream, move_to
 from erase.methods import get_method
 from erase.methods._closed_form import uce_edit, uce_map
 from erase.methods.rece import RECE, RECEConfig
-from erase.methods.uce import UCE, UCEConfig, kv_projections
+from erase.methods.uce import UCE, UCEConfig, kv_projections, pooled_projections
 
 ESD_DDIM_STEPS = 50
 ESD_MEAN_STOP = 24  # ESD draws the partial-sampling stop uniformly from 0..49
@@ -111,10 +111,16 @@ def measure_uce(model_dir: Path, out: Path, n: int, resolution: int = 0) -> dict
     with clock("per_layer_solve_s"):
         for _, lin in layers:
             uce_edit(lin.weight, erase, guide, keep, cfg.lamb, cfg.erase_scale, ps)
+    pooled = pooled_projections(task.layer_map(model), model)
+    if pooled:  # SD3 / FLUX: the same edit of the pooled text's embedder, as UCE.uce does
+        with clock("pooled_s"):
+            p_erase, p_guide, p_keep, p_n = method.pooled_rows(task)
+            method.edit_layers(pooled, uce_map(p_erase, p_guide, p_keep, cfg.lamb, cfg.erase_scale,
+                                               method.effective_preserve_scale(p_n)))
     with clock("save_s"):
         task.save_model(model, out)
     t = clock.times
-    t["edit_s"] = round(t["encode_s"] + t["solve_s"], 4)
+    t["edit_s"] = round(t["encode_s"] + t["solve_s"] + t.get("pooled_s", 0.0), 4)
     t["load_to_saved_s"] = round(t["load_s"] + t["edit_s"] + t["save_s"], 4)
     return {"times": t, "main_s": t["edit_s"], "rss_loaded_gb": rss_loaded, "matrices": len(layers),
             "erase_rows": len(erase), "preserve_rows": len(keep)}
