@@ -408,7 +408,8 @@ def _family_report(s: dict) -> list[str]:
         t5 = s["t5"]
         lines.append(f"- T5-XXL (`text_encoder_3`, {t5['params'] / 1e9:.3f} B params) is not built: frozen, it adds "
                      f"its weights only, {t5['fp16_gib']:.2f} GiB ({2 * t5['params'] / 1e9:.1f} GB) in fp16 or "
-                     f"{t5['fp32_gib']:.2f} GiB ({4 * t5['params'] / 1e9:.1f} GB) in fp32, to every row below")
+                     f"{t5['fp32_gib']:.2f} GiB ({4 * t5['params'] / 1e9:.1f} GB) in fp32, to every method row below "
+                     "(erase loads it in fp32 when the folder has it)")
     b = s["build"]
     if "times" in b and "peak_rss_gb" in b:
         lines.append(f"- build: {b['times']['build_s']:.0f} s, peak RSS {b['peak_rss_gb']:.2f} GiB")
@@ -418,7 +419,12 @@ def _family_report(s: dict) -> list[str]:
         status, step, phases, peak, trained = _status(e)
         lines.append(f"| {name} | {e['what']} | {status} | {step} | {phases} | {trained} | "
                      f"{e['estimate']['total_gib']:.1f} | {peak} |")
-    lines += ["", "Estimates (bytes per parameter; `erase/bench/speed_memory.py`):", ""]
+    d = p[s["denoiser"]]
+    lines += ["", f"`den:` rows hold the denoiser alone (`erase/bench/speed_denoiser.py`); erase's own run adds the "
+              f"text encoders and VAE ({4 * (sum(p.values()) - d) / GIB:.2f} GiB in fp32), with full-weight ESD the "
+              f"teacher copy ({4 * d / GIB:.2f} GiB) and its setup masks ({d / GIB:.2f} GiB); an ESD iteration stopped "
+              "at x_T costs about `esd_step_estimate` = step + 2 forwards (the teacher's two predictions).", ""]
+    lines += ["Estimates (bytes per parameter; `erase/bench/speed_memory.py`):", ""]
     lines += [f"- {name}: {e['estimate']['arithmetic']}" for name, e in s["measurements"].items()]
     return lines + [""]
 

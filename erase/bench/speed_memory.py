@@ -34,6 +34,9 @@ Checked against the SD-1.4 measurements (``results/speed.json``, taken while the
 ESD's masks through the step): the estimates cover the measured peaks of every ESD and UCE row there
 (``calibration`` reports them); SalUn's is about 2 GiB under its measured peak (the estimate misses
 part of what its two batches and masked optimiser steps hold), so SalUn estimates are lower bounds.
+The denoiser-alone estimate (``estimate_denoiser``) against the v1.4 UNet's measured peaks (one thread,
+256 px, 2026-12-05): LoRA 4.70 vs 4.86 GiB, LoRA with checkpointing 4.32 vs 4.61, esd-x's text
+attention 5.18 vs 5.05 — within 0.3 GiB (backward's gradient buffers are not counted).
 
 Sizes are GiB (2**30 bytes), as the measured peak RSS.
 
