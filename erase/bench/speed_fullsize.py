@@ -312,6 +312,11 @@ def run(args, names: list[str]) -> dict:
     threads = set_threads(args.threads)
     t0 = time.perf_counter()
     facts, entries = plan(family, configs, pixels, names, args.budget_gib)
+    published = published_check(family, facts["params"]) if not tiny else {}
+    wrong = [f"{k}: built {v['built']:,}, published {v['published']:,}" for k, v in published.items() if not v["match"]]
+    if wrong:  # a mistyped config would measure another model: stop before building it
+        raise EraseError(f"the {family} configs do not build the published model ({'; '.join(wrong)}); "
+                         "check erase/bench/speed_configs.py")
     build_est = build_estimate(facts["params"])
     to_run = [n for n, e in entries.items() if "refused" not in e and "skipped" not in e]
     build: dict = {"skipped": "nothing to measure"}
@@ -342,7 +347,7 @@ def run(args, names: list[str]) -> dict:
         "budget_gib": args.budget_gib, "limit_gib": args.limit_gib, "timeout_s": args.timeout_s,
         "rss_note": ("cumulative over the whole benchmark process (--in-process)" if args.in_process else
                      "each measurement's own process, model loading included"),
-        "configs": configs, **facts, "published": published_check(family, facts["params"]) if not tiny else {},
+        "configs": configs, **facts, "published": published,
         "t5": {"params": T5_XXL_PARAMS, "fp16_gib": round(2 * T5_XXL_PARAMS / GIB, 2),
                "fp32_gib": round(4 * T5_XXL_PARAMS / GIB, 2)} if family == "sd3" else None,
         "build": build, "build_estimate": build_est.to_dict(), "measurements": entries,
@@ -437,7 +442,9 @@ def _flux_report(f: dict) -> list[str]:
              "machine (48 GB in fp32).",
              "",
              "- parameters: " + ", ".join(f"{k} {v / 1e9:.3f} B" for k, v in f["params"].items())
-             + f" (transformer published: {f['published_transformer'] / 1e9:.3f} B)",
+             + f" (transformer built on the meta device: {f['params']['transformer']:,}, published "
+             f"{f['published_transformer']:,}: "
+             + ("match)" if f["params"]["transformer"] == f["published_transformer"] else "MISMATCH)"),
              f"- esd-x's text attention (double-stream blocks' text stream): {f['text_attention_arithmetic']}; "
              f"counted on the built model: {f['text_attention']:,}",
              f"- LoRA on {', '.join(f['lora_targets'])}: " + ", ".join(
