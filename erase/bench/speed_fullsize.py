@@ -47,7 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from erase.bench.common import describe_machine, machine_info, set_threads
+from erase.bench.common import describe_machine, loadavg, machine_info, set_threads
 from erase.bench.speed_build import SHARD, build_and_save, count_params, denoiser_name, meta_denoiser
 from erase.bench.speed_configs import FULL, NAMES, PARAM_TOLERANCE, PUBLISHED_PARAMS, SD14, T5_XXL_PARAMS, TINY
 from erase.bench.speed_denoiser import SELECTIONS, forward_call, measure_denoiser, text_shape, vae_factor
@@ -339,7 +339,9 @@ def run(args, names: list[str]) -> dict:
                 continue
             print(f"[speed] {family}: {name} (estimate {entry['estimate']['total_gib']:.1f} GiB) ...",
                   file=sys.stderr, flush=True)
+            load = loadavg()
             entry["result"] = _run(name, args, model_dir, work, pixels)
+            entry["result"]["loadavg"] = [load, loadavg()]  # 1-minute load before / after: other work on the cores
     info = machine_info()
     return {
         "family": family, "name": NAMES[family], "scale": "tiny" if tiny else "full", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -383,6 +385,8 @@ def _status(entry: dict) -> tuple[str, str, str, str, str]:
         peak = f"{r['peak_rss_gb']:.2f}" if "peak_rss_gb" in r else ""
         return "failed", "", r["error"], peak, ""
     phases = ", ".join(f"{k.removesuffix('_s')} {v:.3g}" for k, v in r["times"].items())
+    if r.get("loadavg") and None not in r["loadavg"]:
+        phases += f"; load {r['loadavg'][0]:.1f}/{r['loadavg'][1]:.1f}"
     if r.get("autocast_dtypes") and r.get("mixed_precision") == "bf16":
         phases += f"; autocast dtypes seen: {', '.join(r['autocast_dtypes'])}"
     trained = fmt_count(r["trainable_params"]) if "trainable_params" in r else ""
@@ -393,7 +397,8 @@ def _family_report(s: dict) -> list[str]:
     p = s["params"]
     lines = [f"## {s['name']} ({s['scale']} size)", "",
              f"- machine: {s['machine_text']}", f"- date: {s['date']}; wall time {s['wall_s']:.0f} s",
-             f"- {s['pixels']} px, batch 1; times in seconds; GiB = 2^30 bytes",
+             f"- {s['pixels']} px, batch 1; times in seconds (with the machine's 1-minute load average before/after "
+             "each measurement: other work shared the cores); GiB = 2^30 bytes",
              "- model: random weights from the published configs (`erase/bench/speed_configs.py`): "
              + ", ".join(f"{k} {fmt_count(v)}" for k, v in p.items()) + " params",
              f"- trained by esd-x (text attention): {fmt_count(s['text_attention_params'])}; LoRA rank {LORA_RANK} "
