@@ -177,3 +177,22 @@ def test_unknown_fullsize_measurement_is_refused(tmp_path):
         speed.main(["--family", "sd3", "--tiny", "--only", "uce-1+gc", "--out-dir", str(tmp_path)])
     with pytest.raises(EraseError, match="--only"):
         speed.main(["--family", "sd3", "--tiny", "--only", "den:lora+lora", "--out-dir", str(tmp_path)])
+
+
+def test_reestimate_keeps_results_and_flags_rows_now_over_budget(tmp_path):
+    assert speed.main(["--family", "sd3", "--tiny", "--in-process", "--only", "den:lora+bf16,salun+lora",
+                       "--out-dir", str(tmp_path)]) == 0
+    path = tmp_path / "speed_fullsize_tiny.json"
+    data = _rows(path)
+    section = data["families"]["sd3"]
+    row = section["measurements"]["den:lora+bf16"]
+    measured = row["result"]
+    row["estimate"]["total_gib"] = 0.01  # as if an older formula had estimated it
+    section["budget_gib"] = 0.5  # and the budget were lower than the current estimate
+    path.write_text(json.dumps(data))
+    assert speed.main(["--family", "sd3", "--tiny", "--reestimate", "--out-dir", str(tmp_path)]) == 0
+    row = _rows(path)["families"]["sd3"]["measurements"]["den:lora+bf16"]
+    assert row["result"] == measured and row["estimate_at_run"]["total_gib"] == 0.01
+    assert row["estimate"]["total_gib"] > 0.5 and "autocast" in row["estimate"]["arithmetic"]
+    assert "a rerun would not run it" in row["note"]
+    assert "(at run: 0.0)" in (tmp_path / "speed_fullsize_tiny.md").read_text()

@@ -196,6 +196,10 @@ def report(data: dict) -> str:
 
 
 def _main_fullsize(args) -> int:
+    if args.reestimate:
+        path = speed_fullsize.reestimate(Path(args.out_dir), args.tiny)
+        print(path.with_suffix(".md").read_text())
+        return 0
     names = [n.strip() for n in args.only.split(",") if n.strip()] or speed_fullsize.default_measurements()
     for n in names:
         speed_fullsize.parse(n)
@@ -227,6 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit-gib", type=float, default=LIMIT_GIB,
                    help="sdxl/sd3: resident-memory cap of each measurement's process (0: none)")
     p.add_argument("--timeout-s", type=float, default=0, help="sdxl/sd3: stop a measurement after this long (0: never)")
+    p.add_argument("--reestimate", action="store_true",
+                   help="sdxl/sd3: recompute the estimates of the existing speed_fullsize report (runs nothing)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)

@@ -18,7 +18,8 @@ Bytes per parameter, for the denoiser D, the trained parameters Tr and the froze
 * **bf16 weights + fp32 Adam** (the usual large-model recipe): weights 2 D, gradients 2 Tr, Adam's two
   moments 8 Tr; a frozen ESD teacher (full-weight ESD) is another bf16 copy, 2 D; F in bf16, 2 F.
 * **as erase's runner trains** (``--mixed-precision bf16`` is accelerate's autocast over fp32 weights):
-  weights 4 D, gradients 4 Tr, Adam 8 Tr, autocast's bf16 copy of the trained weights 2 Tr; ESD's
+  weights 4 D, gradients 4 Tr, Adam 8 Tr, autocast's bf16 copies of the weights saved for backward 2 D
+  (``speed_memory``); ESD's
   teacher in fp16 (``teacher_dtype`` auto on a GPU) 2 D; F loaded in fp32, 4 F.
 * **LoRA** r = 4 / 16: the adapters train (fp32: 4 + 4 + 8 B each); the teacher is the model itself with
   its adapters off, so no copy.
@@ -112,7 +113,7 @@ def flux_estimate(pixels: int = 1024) -> dict:
         row("esd-x as erase's runner (fp32 weights, bf16 autocast, fp16 teacher)",
             {"weights": (4 * d, f"4 B x {m(d)}"), "teacher": (2 * d, f"2 B x {m(d)}"),
              "grads": (4 * text, f"4 B x {m(text)}"), "adam": (8 * text, f"8 B x {m(text)}"),
-             "autocast": (2 * text, f"2 B x {m(text)}"), "frozen": (4 * f, f"4 B x {m(f)}")}),
+             "autocast": (2 * d, f"2 B x {m(d)}"), "frozen": (4 * f, f"4 B x {m(f)}")}),
     ] + [
         row(f"LoRA rank {r} (esd-x/esd-u with adapters; teacher = adapters off), bf16 base",
             {"weights": (2 * d, f"2 B x {m(d)}"), "adapters": (16 * n, f"fp32 weights + grads + Adam, 16 B x {m(n)}"),

@@ -357,19 +357,50 @@ def run(args, names: list[str]) -> dict:
     }
 
 
-def write(section: dict, out_dir: Path, tiny: bool, with_flux: bool = True) -> Path:
-    """Merge ``section`` into speed_fullsize(.tiny).json (other families kept) and rewrite the markdown."""
-    stem = "speed_fullsize_tiny" if tiny else "speed_fullsize"
-    path = out_dir / f"{stem}.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data.setdefault("families", {})[section["family"]] = section
-    if with_flux:
-        data["flux"] = flux_estimate()
+def _stem(tiny: bool) -> str:
+    return "speed_fullsize_tiny" if tiny else "speed_fullsize"
+
+
+def _save(data: dict, out_dir: Path, tiny: bool) -> Path:
+    data["flux"] = flux_estimate()
     data["calibration"] = calibration(out_dir / "speed.json")
     out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{_stem(tiny)}.json"
     atomic_write_json(data, path)
-    atomic_write_text(report(data), out_dir / f"{stem}.md")
+    atomic_write_text(report(data), out_dir / f"{_stem(tiny)}.md")
     return path
+
+
+def write(section: dict, out_dir: Path, tiny: bool) -> Path:
+    """Merge ``section`` into speed_fullsize(_tiny).json (other families kept) and rewrite the markdown."""
+    path = out_dir / f"{_stem(tiny)}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault("families", {})[section["family"]] = section
+    return _save(data, out_dir, tiny)
+
+
+def reestimate(out_dir: Path, tiny: bool) -> Path:
+    """Recompute every row's estimate of an existing report with the current ``speed_memory`` (nothing is run).
+
+    A changed estimate replaces the old one, which stays as ``estimate_at_run``; a measured row whose new
+    estimate is over the run's budget says that a rerun would not run it."""
+    path = out_dir / f"{_stem(tiny)}.json"
+    if not path.is_file():
+        raise EraseError(f"--reestimate: {path} does not exist; run the benchmark first")
+    data = json.loads(path.read_text())
+    for family, section in data.get("families", {}).items():
+        configs = (TINY if section["scale"] == "tiny" else FULL)[family]
+        _, fresh = plan(family, configs, section["pixels"], list(section["measurements"]), section["budget_gib"])
+        for name, entry in section["measurements"].items():
+            new = fresh[name]["estimate"]
+            if abs(new["total_gib"] - entry["estimate"]["total_gib"]) > 0.005:
+                entry.setdefault("estimate_at_run", entry["estimate"])
+            entry["estimate"] = new
+            if "result" in entry and new["total_gib"] > section["budget_gib"]:
+                entry["note"] = (f"measured under the run-time estimate {entry['estimate_at_run']['total_gib']:.1f} GiB; "
+                                 f"the current estimate, {new['total_gib']:.1f} GiB, is over the "
+                                 f"{section['budget_gib']:g} GiB budget: a rerun would not run it")
+    return _save(data, out_dir, tiny)
 
 
 # -- the report --------------------------------------------------------------------------------------------
@@ -427,8 +458,12 @@ def _family_report(s: dict) -> list[str]:
               "estimate (GiB) | peak RSS (GiB) |", "|---|---|---|---:|---|---:|---:|---:|"]
     for name, e in s["measurements"].items():
         status, step, phases, peak, trained = _status(e)
-        lines.append(f"| {name} | {e['what']} | {status} | {step} | {phases} | {trained} | "
-                     f"{e['estimate']['total_gib']:.1f} | {peak} |")
+        if e.get("note"):
+            phases += f"; NOTE: {e['note']}"
+        est = f"{e['estimate']['total_gib']:.1f}"
+        if "estimate_at_run" in e:
+            est += f" (at run: {e['estimate_at_run']['total_gib']:.1f})"
+        lines.append(f"| {name} | {e['what']} | {status} | {step} | {phases} | {trained} | {est} | {peak} |")
     d = p[s["denoiser"]]
     lines += ["", f"`den:` rows hold the denoiser alone (`erase/bench/speed_denoiser.py`); erase's own run adds the "
               f"text encoders and VAE ({4 * (sum(p.values()) - d) / GIB:.2f} GiB in fp32), with full-weight ESD the "

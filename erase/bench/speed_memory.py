@@ -15,8 +15,13 @@ that a wrong estimate fails the measurement, not the machine. The terms, in byte
   SalUn: its setup holds the saliency gradients and scores (8 D), its step 1 D of masks and 4 D of
   frozen values (``ParameterMask`` copies every partially masked tensor, which a global top-50 %
   makes nearly all);
-* ``grads`` 4 Tr, ``adam`` 8 Tr (two fp32 moments), ``autocast`` 2 Tr with bf16 (autocast caches a
-  bf16 copy of every trained leaf weight for the step);
+* ``grads`` 4 Tr, ``adam`` 8 Tr (two fp32 moments);
+* ``autocast`` 2 D with bf16: autocast casts each weight to bf16 for its matmul or convolution, and
+  where the layer's input needs a gradient the bf16 copy is saved for backward (trained weights' copies
+  are also cached for the step) — so up to every weight has a bf16 copy alive until backward. An upper
+  bound: measured at full size (results/speed_fullsize.md), the SDXL UNet's LoRA step under autocast
+  peaked 3.7 GiB above the same step's estimate without this term (2 B x 2.567 B = 4.8 GiB), SD3's
+  LoRA and text-attention steps 1.5 and 0 GiB above;
 * ``activations`` — the bytes autograd saves for backward, *counted*, not guessed:
   :func:`saved_activations` runs the denoiser on the meta device (shapes only, no memory) at the
   benchmark's resolution with every weight trainable (an upper bound for methods that train fewer)
@@ -133,7 +138,7 @@ def estimate_step(params: dict[str, int], denoiser: str, method: str, trained: i
     e.add("grads", _g(4 * trained), f"4 B x {fmt_count(trained)} trained", "step")
     e.add("adam", _g(8 * trained), f"8 B x {fmt_count(trained)}", "step")
     if bf16:
-        e.add("autocast", _g(2 * trained), f"bf16 weight cache, 2 B x {fmt_count(trained)}", "step")
+        e.add("autocast", _g(2 * d), f"bf16 weight copies saved for backward, 2 B x {fmt_count(d)}", "step")
     if method == "salun":  # a forget and a retain batch, each through the model with gradients
         e.add("activations", 2 * activations, "2 batches x saved for backward, counted on the meta device", "step")
     else:
@@ -149,7 +154,7 @@ def estimate_denoiser(d: int, trained: int, activations: float, bf16: bool) -> E
     e.add("grads", _g(4 * trained), f"4 B x {fmt_count(trained)} trained", "step")
     e.add("adam", _g(8 * trained), f"8 B x {fmt_count(trained)}", "step")
     if bf16:
-        e.add("autocast", _g(2 * trained), f"bf16 weight cache, 2 B x {fmt_count(trained)}", "step")
+        e.add("autocast", _g(2 * d), f"bf16 weight copies saved for backward, 2 B x {fmt_count(d)}", "step")
     e.add("activations", activations, "saved for backward, counted on the meta device", "step")
     return e
 
