@@ -11,8 +11,9 @@ so on a 24 GB machine most method rows are over the memory budget. These rows (`
 * ``+gc`` gradient checkpointing, ``+bf16`` accelerate's bf16 autocast (as ``speed_measure``);
 * the step: the denoiser's forward at 256 px on random latents and random conditions of the task's
   shapes (SDXL: 77 x 2048 tokens, the 1280-d pooled text, six time ids; SD3: 77 + 256 x 4096 tokens,
-  the 2048-d pooled text), an MSE to a random target, backward, Adam. ``forward_s`` is one fp32
-  forward without gradients — one prediction of a frozen teacher, or one sampling step: an ESD
+  the 2048-d pooled text), an MSE to a random target, backward, Adam. ``forward_s`` is one forward
+  without gradients in the row's precision (accelerate's prepare leaves the model's forward under
+  autocast) — one prediction of a frozen teacher, or one sampling step: an ESD
   iteration stopped at x_T costs about ``step_s + 2 x forward_s`` (two teacher predictions), one at
   the mean stop 24 more ``forward_s`` (x2 with guidance).
 
@@ -97,7 +98,7 @@ def select(model, selection: str, rank: int) -> int:
 
 def measure_denoiser(family: str, configs: dict, model_dir: Path, selection: str, gc: bool, bf16: bool, pixels: int,
                      rank: int) -> dict:
-    """One warm-up and one timed Adam step of the denoiser alone, then one fp32 forward without gradients."""
+    """One warm-up and one timed Adam step of the denoiser alone, then one forward without gradients."""
     clock = Clock()
     with clock("load_s"):
         model = _load(family, model_dir)
