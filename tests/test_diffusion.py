@@ -71,6 +71,42 @@ def two_steps(task, tmp_path, method: str, **extra) -> tuple[set[str], dict]:
     return changed, before
 
 
+def exported_changes(model_dir, pipe, out: Path, fmt: str, *extra: str) -> list[str]:
+    """Erase 'garbage truck' from ``model_dir`` with esd-x for two steps, saved as ``fmt`` (lora or delta), apply the
+    export to ``pipe`` (the plain diffusers pipeline of ``model_dir``) and return the denoiser parameters it changed."""
+    from erase.diffusion.export import load_delta
+    from erase.train import main as train_main
+
+    args = ["--concept", "garbage truck", "--method", "esd-x", "--model", str(model_dir), "--retain-concepts", "church",
+            "--max-steps", "2", "--ddim-steps", "3", "--lr", "1e-2", "--save-format", fmt, "--output-dir", str(out),
+            *extra, *FAST]
+    assert run_cli(train_main, args) == 0
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    before = {n: p.clone() for n, p in denoiser.named_parameters()}
+    if fmt == "lora":
+        pipe.load_lora_weights(out / "lora")
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    else:
+        assert load_delta(pipe, out / "delta.safetensors") > 0
+    return [n for n, p in denoiser.named_parameters() if n in before and not torch.equal(p, before[n])]
+
+
+def check_flow_matching_loss(task) -> None:
+    """``task.loss`` on a flow model is the MSE to the velocity noise - x0 at x_t = add_noise(x0, noise, t)."""
+    model = task.base.unet
+    batch = {"latents": task.forget_set.latents[:2], "prompt": task.forget_set.prompt[:2]}
+    torch.manual_seed(3)
+    got = task.loss(model, batch)
+    torch.manual_seed(3)
+    x0 = batch["latents"]
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, 1000, (2,))
+    with torch.no_grad():
+        pred = task.predict(model, task.add_noise(x0, noise, t), t, task.condition(batch["prompt"]))
+    torch.testing.assert_close(got.detach(), torch.nn.functional.mse_loss(pred, noise - x0))
+
+
 CLOSED_FORM = ("uce", "rece")  # no optimiser steps; tests/test_closed_form.py runs them
 CASES = [(m, k) for m in erase.list_methods(task="diffusion") for k in ("sd1", "sd2v", "ddpm", "bundled")
          if not (k == "ddpm" and m in ("esd-x", "fmn", "advunlearn")) and m not in CLOSED_FORM]

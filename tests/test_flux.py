@@ -16,7 +16,7 @@ import erase
 from erase.cli import run_cli
 from erase.diffusion.layers import layer_map
 from erase.train import main as train_main
-from tests.test_diffusion import FAST, _ctx, two_steps
+from tests.test_diffusion import FAST, _ctx, check_flow_matching_loss, exported_changes, two_steps
 from tests.tiny_diffusion import tiny_flux
 
 RES = ["--resolution", "16"]  # the tiny pipeline's own default would be FluxPipeline's 128 latents x 2 = 256 px
@@ -152,18 +152,7 @@ def test_partial_samples_map_the_samplers_timestep_back_exactly(flux):
 
 
 def test_task_loss_is_the_flow_matching_loss(flux):
-    task = _task(flux, streams=("forget",))
-    model = task.base.unet
-    batch = {"latents": task.forget_set.latents[:2], "prompt": task.forget_set.prompt[:2]}
-    torch.manual_seed(3)
-    got = task.loss(model, batch)
-    torch.manual_seed(3)
-    x0 = batch["latents"]
-    noise = torch.randn_like(x0)
-    t = torch.randint(0, 1000, (2,))
-    with torch.no_grad():
-        pred = task.predict(model, task.add_noise(x0, noise, t), t, task.condition(batch["prompt"]))
-    torch.testing.assert_close(got.detach(), torch.nn.functional.mse_loss(pred, noise - x0))
+    check_flow_matching_loss(_task(flux, streams=("forget",)))
 
 
 CASES = ["salun", "salun_soft", "rl", "ga", "ga_plus", "ft", "l1_sparse", "esd-x", "esd-u", "ca"]
@@ -239,22 +228,8 @@ def test_erased_flux_reloads_with_diffusers(flux, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["lora", "delta"])
 def test_lora_and_delta_exports_apply_to_the_flux_pipeline(flux, tmp_path, fmt):
-    from erase.diffusion.export import load_delta
-
-    out = tmp_path / fmt
-    args = ["--concept", "garbage truck", "--method", "esd-x", "--model", str(flux), "--retain-concepts", "church",
-            "--max-steps", "2", "--ddim-steps", "3", "--lr", "1e-2", "--save-format", fmt, "--output-dir", str(out),
-            *RES, *FAST]
-    assert run_cli(train_main, args) == 0
     pipe = _pipe(flux)
-    before = {n: p.clone() for n, p in pipe.transformer.named_parameters()}
-    if fmt == "lora":
-        pipe.load_lora_weights(out / "lora")
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-    else:
-        assert load_delta(pipe, out / "delta.safetensors") > 0
-    changed = [n for n, p in pipe.transformer.named_parameters() if n in before and not torch.equal(p, before[n])]
+    changed = exported_changes(flux, pipe, tmp_path / fmt, fmt, *RES)
     lmap = layer_map(pipe.transformer)
     assert changed and all(lmap.is_text_attention(n) for n in changed), changed
 

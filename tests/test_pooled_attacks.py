@@ -37,6 +37,17 @@ def _task(folder):
 
 
 @pytest.mark.parametrize("kind", ["sdxl", "sd3"])
+def test_token_level_methods_and_attacks_accept_the_pooled_families(pooled, kind):
+    task = _task(pooled[kind])
+    assert task.token_ids(["a photo"]).shape == (1, 77) and task.token_access_problem() is None
+    cls = erase.get_method("advunlearn", "diffusion")
+    cls(cls.Config()).check_task(task)
+    for name in list_attacks():
+        attack = get_attack(name)
+        attack(attack.Config()).check_task(task)
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3"])
 def test_ids_and_token_embeddings_give_the_pipelines_condition(pooled, kind):
     task = _task(pooled[kind])
     ids = task.token_ids(PROMPTS)

@@ -16,7 +16,7 @@ from erase.diffusion.conditioning import PooledText
 from erase.diffusion.layers import layer_map
 from erase.engine.masking import ParameterMask
 from erase.train import main as train_main
-from tests.test_diffusion import FAST, _ctx, two_steps
+from tests.test_diffusion import FAST, _ctx, check_flow_matching_loss, exported_changes, two_steps
 from tests.tiny_diffusion import tiny_sd3
 
 
@@ -91,18 +91,7 @@ def test_flow_matching_noise_target_and_timesteps(sd3):
 
 
 def test_task_loss_is_the_flow_matching_loss(sd3):
-    task = _task(sd3, streams=("forget",))
-    model = task.base.unet
-    batch = {"latents": task.forget_set.latents[:2], "prompt": task.forget_set.prompt[:2]}
-    torch.manual_seed(3)
-    got = task.loss(model, batch)
-    torch.manual_seed(3)
-    x0 = batch["latents"]
-    noise = torch.randn_like(x0)
-    t = torch.randint(0, 1000, (2,))
-    with torch.no_grad():
-        pred = task.predict(model, task.add_noise(x0, noise, t), t, task.condition(batch["prompt"]))
-    torch.testing.assert_close(got.detach(), torch.nn.functional.mse_loss(pred, noise - x0))
+    check_flow_matching_loss(_task(sd3, streams=("forget",)))
 
 
 CASES = ["salun", "salun_soft", "rl", "ga", "ga_plus", "ft", "l1_sparse", "esd-x", "esd-u", "ca", "fmn"]
@@ -150,22 +139,8 @@ def test_erased_sd3_reloads_with_diffusers(sd3, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["lora", "delta"])
 def test_lora_and_delta_exports_apply_to_the_sd3_pipeline(sd3, tmp_path, fmt):
-    from erase.diffusion.export import load_delta
-
-    out = tmp_path / fmt
-    args = ["--concept", "garbage truck", "--method", "esd-x", "--model", str(sd3), "--retain-concepts", "church",
-            "--max-steps", "2", "--ddim-steps", "3", "--lr", "1e-2", "--save-format", fmt, "--output-dir", str(out),
-            *FAST]
-    assert run_cli(train_main, args) == 0
     pipe = _pipe(sd3)
-    before = {n: p.clone() for n, p in pipe.transformer.named_parameters()}
-    if fmt == "lora":
-        pipe.load_lora_weights(out / "lora")
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-    else:
-        assert load_delta(pipe, out / "delta.safetensors") > 0
-    changed = [n for n, p in pipe.transformer.named_parameters() if n in before and not torch.equal(p, before[n])]
+    changed = exported_changes(sd3, pipe, tmp_path / fmt, fmt)
     lmap = layer_map(pipe.transformer)
     assert changed and all(lmap.is_text_attention(n) for n in changed), changed
 
@@ -178,19 +153,6 @@ def test_resolution_flag_is_a_multiple_of_the_patch(sd3):
     task.base.pipe.vae_scale_factor = 16
     with pytest.raises(erase.EraseError, match="multiple of 16 for this model .*patch size"):
         task._resolution()
-
-
-def test_token_level_work_is_accepted_on_sd3(sd3):
-    """Attacks and advunlearn read the CLIP encoders as one (tests/test_pooled_attacks.py runs them)."""
-    task = _task(sd3, streams=())
-    assert task.token_ids(["a photo"]).shape == (1, 77) and task.token_access_problem() is None
-    cls = erase.get_method("advunlearn", "diffusion")
-    cls(cls.Config()).check_task(task)
-    from erase.attacks import get_attack, list_attacks
-
-    for name in list_attacks():
-        attack = get_attack(name)
-        attack(attack.Config()).check_task(task)
 
 
 def test_generate_renders_sd3_prompts(sd3):

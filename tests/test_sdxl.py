@@ -12,7 +12,7 @@ import torch
 import erase
 from erase.cli import run_cli
 from erase.train import main as train_main
-from tests.test_diffusion import FAST, two_steps
+from tests.test_diffusion import FAST, exported_changes, two_steps
 from tests.tiny_diffusion import tiny_sdxl
 
 
@@ -136,19 +136,6 @@ def test_resolution_flag(sdxl):
     assert task.predict(task.base.unet, x_t, torch.tensor([500]), task.concept_condition(1, "cpu")).shape == x_t.shape
 
 
-def test_token_level_work_is_accepted_on_sdxl(sdxl):
-    """Attacks and advunlearn read the CLIP encoders as one (tests/test_pooled_attacks.py runs them)."""
-    task = _task(sdxl, streams=())
-    assert task.token_ids(["a photo"]).shape == (1, 77) and task.token_access_problem() is None
-    cls = erase.get_method("advunlearn", "diffusion")
-    cls(cls.Config()).check_task(task)
-    from erase.attacks import get_attack, list_attacks
-
-    for name in list_attacks():
-        attack = get_attack(name)
-        attack(attack.Config()).check_task(task)
-
-
 def test_unsupported_folders_are_refused_naming_what_is_supported(tmp_path):
     from erase.diffusion.loading import load_base, model_kind
 
@@ -194,20 +181,6 @@ def test_generate_renders_sdxl_prompts(sdxl):
 def test_lora_and_delta_exports_apply_to_the_sdxl_pipeline(sdxl, tmp_path, fmt):
     from diffusers import StableDiffusionXLPipeline
 
-    from erase.diffusion.export import load_delta
-
-    out = tmp_path / fmt
-    args = ["--concept", "garbage truck", "--method", "esd-x", "--model", str(sdxl), "--retain-concepts", "church",
-            "--max-steps", "2", "--ddim-steps", "3", "--lr", "1e-2", "--save-format", fmt, "--output-dir", str(out),
-            *FAST]
-    assert run_cli(train_main, args) == 0
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
-    before = {n: p.clone() for n, p in pipe.unet.named_parameters()}
-    if fmt == "lora":
-        pipe.load_lora_weights(out / "lora")
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-    else:
-        assert load_delta(pipe, out / "delta.safetensors") > 0
-    changed = [n for n, p in pipe.unet.named_parameters() if n in before and not torch.equal(p, before[n])]
+    changed = exported_changes(sdxl, pipe, tmp_path / fmt, fmt)
     assert changed and all(".attn2." in n for n in changed)

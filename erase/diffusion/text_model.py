@@ -75,8 +75,8 @@ class TextConditionedUNet(nn.Module):
     def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """(N, L, D_tok) the text encoders' input token embeddings of ``ids`` (their own lookup, side by side,
         detached)."""
-        table = self.stack.token_table()
-        return table[ids.to(table.device)].detach()
+        with torch.no_grad():  # each encoder's own lookup of just these ids (no copy of the whole tables)
+            return torch.cat([e.get_input_embeddings()(ids.to(e.device)) for e in self.stack.encoders], dim=-1)
 
     def forward(self, *args, ids=None, token_embeds=None, **kwargs):
         """The denoiser's output; with ``ids`` the condition is encoded here (``token_embeds`` replacing the
