@@ -4,8 +4,8 @@
 the CLIP embedding. Those rows enter the transformer identical and stay identical in every block
 (same input, same query, same attention, same MLP), so keeping one of them and adding ``log(count)``
 to its attention logit gives the same softmax as keeping all of them: ``count * exp(s) ==
-exp(s + log count)``. The tiny flow model trains with 78 context tokens instead of 333 (3.6x faster
-per step on one CPU thread, measured before training) and is exact for the pipeline's default call,
+exp(s + log count)``. The tiny flow model trains with 78 context tokens instead of 333 (a quarter of
+the tokens per caption; the step-time ratio was not kept as a benchmark) and is exact for the pipeline's default call,
 which a test checks against diffusers' own processor.
 """
 
