@@ -42,7 +42,6 @@ def _pipe(folder):
 
 
 def test_loads_as_sd3_with_pooled_conditions(sd3):
-    from erase.diffusion.conditioning import PooledText
     from erase.diffusion.loading import model_kind
 
     assert model_kind(str(sd3)) == "sd3"
@@ -196,16 +195,37 @@ def test_closed_form_edits_the_layers_that_read_the_text_and_reloads(sd3, tmp_pa
 
 def test_joint_attention_written_out_matches_diffusers_and_records_text_attention(sd3):
     """The recording processor changes nothing in the output; what it stores is the image-query x text-key block of
-    the softmax; the repeated-token processor (training the tiny flow model) equals 256 real zero tokens."""
+    the softmax; the repeated-token processor (loaded SD3 pipelines run it) equals 256 real zero tokens, in the
+    output and in the weights' gradients."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
     from erase.diffusion.attention import AttentionStore
-    from erase.zoo.repeated_tokens import RepeatedLastTokenJointAttnProcessor
+    from erase.diffusion.repeated_tokens import collapse, counts_repeats, use_repeated_tokens
 
     task = _task(sd3, streams=())
     model = task.base.unet
+    assert counts_repeats(model)  # installed at load
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([200, 800])
     cond = task.concept_condition(2, "cpu")
+    assert collapse(model, cond.embeds)[1] == {"repeat_last": 256}
+
+    def output_and_grads():
+        model.zero_grad()
+        out = task.predict(model, x, t, cond)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.requires_grad_(True)
+    fast, fast_grads = output_and_grads()
+    model.set_attn_processor(JointAttnProcessor2_0())  # diffusers' own: all 333 rows read
+    assert collapse(model, cond.embeds)[1] is None
+    want, want_grads = output_and_grads()
+    model.requires_grad_(False)
+    torch.testing.assert_close(fast, want, atol=1e-5, rtol=1e-5)
+    assert fast_grads.keys() == want_grads.keys() and "context_embedder.bias" in want_grads
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     with torch.no_grad():
-        want = task.predict(model, x, t, cond)
         store = AttentionStore().install(model)
         store.recording = True
         got = task.predict(model, x, t, cond)
@@ -215,10 +235,27 @@ def test_joint_attention_written_out_matches_diffusers_and_records_text_attentio
         for probs in store.maps.values():
             assert probs.shape == (2 * 2, 64, 77 + 256)  # (batch x heads, 8 x 8 image tokens, text tokens)
             assert 0 < probs.sum(-1).max() < 1  # the image tokens take the rest of each query's attention
-        short = PooledText(torch.cat([cond.embeds[:, :77], cond.embeds[:, 77:78]], 1), cond.pooled)
-        model.set_attn_processor(RepeatedLastTokenJointAttnProcessor(256))  # this task's own model: not restored
-        fast = task.predict(model, x, t, short)
-    torch.testing.assert_close(fast, want, atol=1e-5, rtol=1e-5)
+    assert use_repeated_tokens(model)
+
+
+def test_sampling_with_the_repeated_token_processor_matches_diffusers(sd3):
+    """The sampler keeps the zero rows once (pipeline call with joint_attention_kwargs): the same latents."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from erase.diffusion.repeated_tokens import use_repeated_tokens
+
+    task = _task(sd3, streams=())
+    cond = task.concept_condition(1, "cpu")
+    lengths = []
+    hook = task.base.unet.register_forward_pre_hook(
+        lambda _, args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    fast = task.generate(task.base.unet, cond, [3, 4])
+    task.base.unet.set_attn_processor(JointAttnProcessor2_0())
+    want = task.generate(task.base.unet, cond, [3, 4])
+    hook.remove()
+    assert set(lengths) == {78, 333}  # 77 CLIP rows + 1 counted 256 times; then all of them
+    assert use_repeated_tokens(task.base.unet)
+    torch.testing.assert_close(fast, want, atol=1e-4, rtol=1e-4)
 
 
 def test_fmn_marks_the_concept_tokens_in_the_sd3_condition(sd3):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from erase.diffusion.repeated_tokens import use_repeated_tokens
 from erase.errors import EraseError
 from erase.storage import ZOO_DIR, list_bundled_models
 
@@ -226,6 +227,8 @@ def _wrap_pipe(pipe, source: str, device, folder, kind: str = "sd") -> Diffusion
 
         shipped = pipe.scheduler
         pipe.scheduler = DDIMScheduler.from_config(shipped.config, clip_sample=False, set_alpha_to_one=False)
+    elif kind == "sd3":
+        use_repeated_tokens(pipe.transformer)  # exact and faster without T5 (erase/diffusion/repeated_tokens.py)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     for part in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None), pipe.vae):

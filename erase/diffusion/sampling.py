@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from erase.diffusion.conditioning import PooledText
+from erase.diffusion.repeated_tokens import collapse
 
 
 def _generators(seeds) -> list[torch.Generator]:
@@ -67,6 +68,13 @@ def sample_sd(pipe, unet, prompt_embeds, negative_embeds, seeds, guidance: float
                          negative_pooled_prompt_embeds=negative_embeds.pooled)
     elif negative_embeds is None:
         del conds["negative_prompt_embeds"]
+    # SD3 without T5: the identical zero rows kept once and counted (exact; erase/diffusion/repeated_tokens.py).
+    (conds["prompt_embeds"], negative), counted = collapse(unet, conds["prompt_embeds"],
+                                                          conds.get("negative_prompt_embeds"))
+    if counted is not None:
+        conds["joint_attention_kwargs"] = counted
+        if negative is not None:
+            conds["negative_prompt_embeds"] = negative
     attr = "unet" if hasattr(pipe, "unet") else "transformer"
     original = getattr(pipe, attr)
     setattr(pipe, attr, unet)

@@ -30,7 +30,7 @@ from erase.diffusion.data import LatentSet, PairedSet, cached, generate, read_im
 from erase.diffusion.flow import FlowTime
 from erase.diffusion.flux import predict as flux_predict
 from erase.diffusion.flux import t5_length
-from erase.diffusion.layers import layer_map
+from erase.diffusion.layers import denoiser_of, layer_map
 from erase.diffusion.loading import (
     FLOW_KINDS,
     TEXT_KINDS,
@@ -43,6 +43,7 @@ from erase.diffusion.loading import (
     model_kind,
 )
 from erase.diffusion.outputs import RunOutputs, save_erased
+from erase.diffusion.repeated_tokens import collapse
 from erase.diffusion.sampling import decode_sd, default_size, encode_sd, sample_ddpm, sample_sd
 from erase.diffusion.text_encoding import token_ids
 from erase.diffusion.text_model import TextConditionedUNet, denoiser
@@ -484,9 +485,11 @@ class DiffusionTask(DenoisingTask):
                                 self._embedded_guidance(guidance, x_t.shape[0], x_t.device))
         if self.kind == "sd3":
             # The pooled text enters through the timestep embedding (adaLN); the transformer reads sigma * N.
-            return model(hidden_states=x_t, encoder_hidden_states=cond.embeds.to(x_t.dtype),
+            # Without T5 the 256 identical zero rows are read once, counted 256 times (exact: repeated_tokens.py).
+            (embeds,), counted = collapse(denoiser_of(model), cond.embeds)
+            return model(hidden_states=x_t, encoder_hidden_states=embeds.to(x_t.dtype),
                          pooled_projections=cond.pooled.to(x_t.dtype),
-                         timestep=self.flow.model_timestep(t).to(x_t.device)).sample
+                         timestep=self.flow.model_timestep(t).to(x_t.device), joint_attention_kwargs=counted).sample
         if self.kind == "sdxl":
             # The pooled text and the size/crop time ids enter through the UNet's added embedding ("text_time").
             added = {"text_embeds": cond.pooled.to(x_t.dtype),

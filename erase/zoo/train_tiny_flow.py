@@ -21,7 +21,7 @@ What is trained, jointly, on the captions of :mod:`erase.captions` (10 % empty):
 Objective: rectified flow as SD3 trains it: ``x_t = (1 - s) x_0 + s noise``, the model predicts
 the velocity ``noise - x_0``, ``s`` drawn logit-normal(0, 1), timestep ``1000 s``; AdamW, cosine lr,
 gradient clipping, EMA. The pipeline without T5 appends 256 zero tokens to the 77 CLIP tokens;
-training keeps one of them, counted 256 times in attention (:mod:`erase.zoo.repeated_tokens`, exact).
+training keeps one of them, counted 256 times in attention (:mod:`erase.diffusion.repeated_tokens`, exact).
 The result is a plain ``StableDiffusion3Pipeline`` folder (fp16 safetensors, flow-matching Euler
 scheduler) that ``StableDiffusion3Pipeline.from_pretrained`` loads offline.
 """
@@ -37,17 +37,16 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from erase import captions
 from erase.classifier.data import load_fashion_mnist
+from erase.diffusion.repeated_tokens import use_repeated_tokens
 from erase.storage import resolve_model_dir
 from erase.zoo import loop
 from erase.zoo.common import machine, prefer_float32, setup, strip_local_paths, write_record
-from erase.zoo.repeated_tokens import RepeatedLastTokenJointAttnProcessor
 from erase.zoo.tokenizer import build_tokenizer, save_tokenizer
 from erase.zoo.train_tiny_sd import encode_latents
 
@@ -122,7 +121,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     encoders = [build_text_encoder(), build_text_encoder()]
     transformer = build_transformer()
-    transformer.set_attn_processor(RepeatedLastTokenJointAttnProcessor(T5_TOKENS))
+    use_repeated_tokens(transformer)
     modules = [*encoders, transformer]
     params = [q for m in modules for q in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
@@ -142,7 +141,8 @@ def main(argv=None) -> None:
         s4 = s.view(-1, 1, 1, 1)
         dev = accelerator.device
         tokens, pooled = encode_text(encoders, ids.to(dev), extra_tokens=1)
-        pred = transformer(((1 - s4) * x0 + s4 * noise).to(dev), tokens, pooled, (s * 1000).to(dev)).sample
+        pred = transformer(((1 - s4) * x0 + s4 * noise).to(dev), tokens, pooled, (s * 1000).to(dev),
+                           joint_attention_kwargs={"repeat_last": T5_TOKENS}).sample
         loss = torch.nn.functional.mse_loss(pred, (noise - x0).to(dev))
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
@@ -158,7 +158,6 @@ def main(argv=None) -> None:
     encoders = [accelerator.unwrap_model(e).eval() for e in encoders]
     transformer = accelerator.unwrap_model(transformer).eval()
     ema.copy_to(params)
-    transformer.set_attn_processor(JointAttnProcessor2_0())  # the shipped model runs diffusers' own joint attention
     tokenizer_2 = build_tokenizer()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae,
