@@ -90,6 +90,13 @@ def test_fullsize_families_tiny_rows_refusals_and_merge(tmp_path):
     assert "## SDXL base 1.0 (tiny size)" in md and "## SD3-medium (without T5) (tiny size)" in md
     assert all(f"\n| {n} | " in md for n in only.split(","))
     assert "refused by the method" in md and "an estimate of GPU memory, not a measurement" in md
+    # A later --only run replaces its own rows and keeps the family's others, each naming the run it came from.
+    assert speed.main(["--family", "sdxl", "--tiny", "--in-process", "--only", "uce-1", "--budget-gib", "0.5",
+                       "--out-dir", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "speed_fullsize_tiny.json")["families"]["sdxl"]["measurements"]
+    assert list(rows) == only.split(",") and "skipped" in rows["uce-1"] and "run" not in rows["uce-1"]
+    assert rows["esd-x"]["result"]["main_s"] > 0 and rows["esd-x"]["run"]["budget_gib"] == 14
+    assert "(earlier run: " in (tmp_path / "speed_fullsize_tiny.md").read_text()
 
 
 def test_skip_rule_runs_nothing_over_budget(tmp_path):

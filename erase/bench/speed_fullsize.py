@@ -33,7 +33,8 @@ one runs under ``speed_memory.limit_memory(--limit-gib)`` (16): an allocation pa
 measurement (its row shows the error), not the machine.
 
 Results go to ``results/speed_fullsize.{json,md}`` (``speed_fullsize_tiny.*`` with ``--tiny``): each run
-replaces its family's section and keeps the other's; the markdown also carries the FLUX.1-dev estimate
+replaces the rows it measures and keeps its family's other rows (marked with their own run) and the other
+family; the markdown also carries the FLUX.1-dev estimate
 (``speed_flux``), which is computed, never measured.
 """
 
@@ -371,11 +372,38 @@ def _save(data: dict, out_dir: Path, tiny: bool) -> Path:
     return path
 
 
+def _run_info(section: dict) -> dict:
+    return {k: section[k] for k in ("date", "wall_s", "budget_gib", "limit_gib")}
+
+
+def _merge_rows(old: dict, section: dict) -> None:
+    """Keep ``old``'s rows that ``section`` did not measure (a ``--only`` run adds rows), each marked with the run
+    it came from; a different scale or image size replaces the whole section."""
+    if old.get("scale") != section["scale"] or old.get("pixels") != section["pixels"]:
+        return
+    new = section["measurements"]
+    merged = {}
+    for name, entry in old["measurements"].items():
+        if name in new:
+            merged[name] = new[name]
+        else:
+            entry.setdefault("run", _run_info(old))
+            merged[name] = entry
+    merged.update((n, e) for n, e in new.items() if n not in merged)
+    section["measurements"] = merged
+    if old["build"].get("times") and not section["build"].get("times"):
+        section["build"] = old["build"]
+
+
 def write(section: dict, out_dir: Path, tiny: bool) -> Path:
-    """Merge ``section`` into speed_fullsize(_tiny).json (other families kept) and rewrite the markdown."""
+    """Merge ``section`` into speed_fullsize(_tiny).json (other families kept, and the family's rows this run did
+    not measure) and rewrite the markdown."""
     path = out_dir / f"{_stem(tiny)}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data.setdefault("families", {})[section["family"]] = section
+    families = data.setdefault("families", {})
+    if section["family"] in families:
+        _merge_rows(families[section["family"]], section)
+    families[section["family"]] = section
     return _save(data, out_dir, tiny)
 
 
@@ -427,7 +455,9 @@ def _status(entry: dict) -> tuple[str, str, str, str, str]:
 def _family_report(s: dict) -> list[str]:
     p = s["params"]
     lines = [f"## {s['name']} ({s['scale']} size)", "",
-             f"- machine: {s['machine_text']}", f"- date: {s['date']}; wall time {s['wall_s']:.0f} s",
+             f"- machine: {s['machine_text']}", f"- date: {s['date']}; wall time {s['wall_s']:.0f} s"
+             + (" (this run's rows; a row from an earlier `--only` run names its run)"
+                if any(e.get("run") for e in s["measurements"].values()) else ""),
              f"- {s['pixels']} px, batch 1; times in seconds (with the machine's 1-minute load average before/after "
              "each measurement: other work shared the cores); GiB = 2^30 bytes",
              "- model: random weights from the published configs (`erase/bench/speed_configs.py`): "
@@ -460,6 +490,9 @@ def _family_report(s: dict) -> list[str]:
         status, step, phases, peak, trained = _status(e)
         if e.get("note"):
             phases += f"; NOTE: {e['note']}"
+        if e.get("run"):
+            r = e["run"]
+            phases += f" (earlier run: {r['date']}, budget {r['budget_gib']:g} GiB, cap {r['limit_gib']:g} GiB)"
         est = f"{e['estimate']['total_gib']:.1f}"
         if "estimate_at_run" in e:
             est += f" (at run: {e['estimate_at_run']['total_gib']:.1f})"
