@@ -304,17 +304,26 @@ def test_closed_form_edits_the_layers_that_read_the_text_and_reloads(flux, tmp_p
     assert torch.isfinite(img).all()
 
 
-def test_fmn_marks_the_concept_in_t5_tokens_and_refuses_to_record_flux_attention(flux, tmp_path, capsys):
+def test_fmn_marks_the_concept_in_t5_tokens_and_refuses_to_record_flux_attention(flux):
     task = _task(flux, streams=())
     mask = task.concept_token_mask()
     assert mask.shape == (len(task.prompts), 512)
     ids = task.base.pipe.tokenizer_2(task.forget_prompts[0], padding="max_length", max_length=512).input_ids
     word = task.base.pipe.tokenizer_2("garbage truck", add_special_tokens=False).input_ids
     assert [ids[i] for i in mask[0].nonzero().flatten().tolist()] == word
+    with pytest.raises(erase.EraseError, match="not supported yet for flux"):  # the built task refuses too
+        task.record_attention(task.base.unet)
+
+
+@pytest.mark.parametrize("method, says", [("fmn", "not supported yet for flux"),
+                                          ("advunlearn", "FLUX's token condition is T5's alone")])
+def test_a_method_that_cannot_run_on_flux_says_so_before_loading(flux, tmp_path, capsys, monkeypatch, method, says):
+    def no_loading(*_, **__):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr("erase.diffusion.task.load_base", no_loading)
     out = tmp_path / "run"
-    args = ["--concept", "garbage truck", "--method", "fmn", "--model", str(flux), "--output-dir", str(out), *RES,
-            *FAST]
+    args = ["--concept", "garbage truck", "--method", method, "--model", str(flux), "--output-dir", str(out), *RES]
     assert run_cli(train_main, args) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "not supported yet for flux" in err, err
-    assert not (out / "model").exists()
+    assert len(err.splitlines()) == 1 and says in err, err

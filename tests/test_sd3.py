@@ -321,3 +321,25 @@ def test_lora_teacher_keeps_a_masked_adapter_frozen_and_checkpointing_works(sd3,
         masker.mask_grads()
     params = dict(model.named_parameters())
     assert not any(params[n].requires_grad or params[n].grad is not None for n in frozen)
+
+
+def test_refusals_on_sd3_come_before_loading(sd3, tmp_path, capsys, monkeypatch):
+    """uce --edit v (no value projection reads the text embedding) and, on a folder with T5, advunlearn (it searches
+    CLIP tokens only): one line each, told from the files before any model loads."""
+    import shutil
+
+    def no_loading(*_, **__):
+        raise AssertionError("the model was loaded before the refusal")
+
+    with_t5 = tmp_path / "sd3-t5"
+    shutil.copytree(sd3, with_t5)
+    index = json.loads((with_t5 / "model_index.json").read_text())
+    index.update(text_encoder_3=["transformers", "T5EncoderModel"], tokenizer_3=["transformers", "T5TokenizerFast"])
+    (with_t5 / "model_index.json").write_text(json.dumps(index))
+    monkeypatch.setattr("erase.diffusion.task.load_base", no_loading)
+    for model, extra, says in [(sd3, ["--method", "uce", "--edit", "v"], "--edit v edits value projections"),
+                               (with_t5, ["--method", "advunlearn"], "this pipeline also has T5")]:
+        args = ["--concept", "trouser", "--model", str(model), "--output-dir", str(tmp_path / "run"), *extra]
+        assert run_cli(train_main, args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err

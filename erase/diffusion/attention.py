@@ -36,10 +36,9 @@ class AttentionStore:
         """Record on ``model``'s denoiser (a UNet, or one inside a wrapper) at the points its layer map names."""
         unet = denoiser_of(model)
         lmap = layer_map(unet)
-        if lmap.reads_text and not lmap.records_attention:
-            raise EraseError(f"recording text-token attention is not supported yet for {lmap.family} denoisers "
-                             f"({type(unet).__name__}): diffusers' joint attention processors expose no attention "
-                             "probabilities; erase.diffusion.layers says what is missing")
+        problem = lmap.recording_problem()
+        if problem:
+            raise EraseError(f"{problem} ({type(unet).__name__})")
         points = set(lmap.attention_processor_names(unet))
         if not points:
             raise EraseError(f"this {type(unet).__name__} has no text cross-attention layers to observe")

@@ -121,11 +121,14 @@ FLUX = LayerMap(
 DDPM_UNET = LayerMap(family="ddpm-unet", lora_targets=("to_q", "to_k", "to_v", "to_out.0"))
 
 MAPS = {m.family: m for m in (SD_UNET, SD3_MMDIT, FLUX, DDPM_UNET)}
+# The map of each model kind erase loads (erase.diffusion.loading.KINDS), told before any weight is read.
+BY_KIND = {"sd": SD_UNET, "sdxl": dataclasses.replace(SD_UNET, text_encoders=("text_encoder", "text_encoder_2")),
+           "sd3": SD3_MMDIT, "flux": FLUX, "ddpm": DDPM_UNET}
 
 
 def _sd_unet(unet: UNet2DConditionModel) -> LayerMap:
     if unet.config.get("addition_embed_type") == "text_time":  # SDXL: two CLIP text encoders
-        return dataclasses.replace(SD_UNET, text_encoders=("text_encoder", "text_encoder_2"))
+        return BY_KIND["sdxl"]
     return SD_UNET
 
 

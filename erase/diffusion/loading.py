@@ -192,6 +192,15 @@ def absent_components(folder: Path | None) -> dict:
             if k in ("text_encoder_3", "tokenizer_3") and isinstance(v, list) and v[:1] == [None]}
 
 
+def folder_has_t5(folder: Path | None) -> bool:
+    """Whether a local SD3 folder's model_index.json lists a T5 encoder (``text_encoder_3`` not null)."""
+    index = folder / "model_index.json" if folder is not None else None
+    if index is None or not index.is_file():
+        return False
+    entry = _read_json(index).get("text_encoder_3")
+    return isinstance(entry, list) and entry[:1] != [None]
+
+
 def _pipe_kwargs(kind: str, folder: Path | None = None) -> dict:
     # SD ships a safety checker, SDXL an invisible watermark: both change what the model generates. SD3 and FLUX
     # have neither.

@@ -30,6 +30,7 @@ from erase.diffusion.data import LatentSet, PairedSet, cached, generate, read_im
 from erase.diffusion.flow import FlowTime
 from erase.diffusion.flux import predict as flux_predict
 from erase.diffusion.flux import t5_length
+from erase.diffusion.layers import BY_KIND as LAYER_MAPS_BY_KIND
 from erase.diffusion.layers import denoiser_of, layer_map
 from erase.diffusion.loading import (
     FLOW_KINDS,
@@ -37,6 +38,7 @@ from erase.diffusion.loading import (
     DiffusionBase,
     ddpm_num_classes,
     default_guidance,
+    folder_has_t5,
     is_fmnist,
     load_base,
     local_folder,
@@ -47,7 +49,7 @@ from erase.diffusion.repeated_tokens import collapse
 from erase.diffusion.sampling import decode_sd, default_size, encode_sd, sample_ddpm, sample_sd
 from erase.diffusion.text_encoding import token_ids
 from erase.diffusion.text_model import TextConditionedUNet, denoiser
-from erase.diffusion.text_stack import TextStack
+from erase.diffusion.text_stack import TextStack, token_access_refusal
 from erase.engine.layers import LayerMap
 from erase.engine.streams import DataView
 from erase.engine.task import DenoisingTask, TaskConfig
@@ -127,6 +129,16 @@ class DiffusionConfig(TaskConfig):
     def model_has_cross_attention(self) -> bool | None:
         kind = model_kind(self.model)
         return None if kind is None else kind in TEXT_KINDS
+
+    def layer_family(self) -> LayerMap | None:
+        kind = model_kind(self.model)
+        return None if kind is None else LAYER_MAPS_BY_KIND[kind]
+
+    def token_access_problem(self) -> str | None:
+        """Why token-level work (attacks, AdvUnlearn) cannot run on this model, told from its files (None: it can,
+        or the model is a hub id and the loaded pipeline tells)."""
+        kind = model_kind(self.model)
+        return None if kind is None else token_access_refusal(kind, kind == "sd3" and folder_has_t5(local_folder(self.model)))
 
     def trains_adapters(self) -> bool:
         return self.lora_rank > 0 or self.save_format == "lora"

@@ -30,29 +30,36 @@ from erase.diffusion.text_encoding import encode_ids, replaced_token_embeddings
 from erase.errors import EraseError
 
 
+def token_access_refusal(kind: str, has_t5: bool = False) -> str | None:
+    """Why token-level work (attacks, AdvUnlearn) cannot run on a ``kind`` model, or None when it can."""
+    if kind == "sd3" and has_t5:
+        return ("token-level work (attacks) on SD3 reads CLIP tokens only; this pipeline also has T5, whose own tokens "
+                "an attack on CLIP ids cannot drive: load it with text_encoder_3=None (a folder whose "
+                "model_index.json lists text_encoder_3 as null)")
+    if kind == "flux":
+        return ("token-level work (attacks) reads CLIP tokens; FLUX's token condition is T5's alone (CLIP enters only "
+                "pooled), whose own tokens an attack on CLIP ids cannot drive: not supported for FLUX yet")
+    if kind not in ("sd", "sdxl", "sd3"):
+        return f"a {kind} model has no text encoder"
+    return None
+
+
 class TextStack:
     def __init__(self, kind: str, pipe):
+        refusal = token_access_refusal(kind, getattr(pipe, "text_encoder_3", None) is not None)
+        if refusal:
+            raise EraseError(refusal)
         self.kind = kind
         self.tokenizer = pipe.tokenizer
         if kind == "sd":
             self.encoders = [pipe.text_encoder]
             self.pads = [None]
-        elif kind in ("sdxl", "sd3"):
-            if kind == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
-                raise EraseError("token-level work (attacks) on SD3 reads CLIP tokens only; this pipeline also has T5, "
-                                 "whose own tokens an attack on CLIP ids cannot drive: load it with text_encoder_3=None "
-                                 "(a folder whose model_index.json lists text_encoder_3 as null)")
+        else:  # SDXL, SD3 without T5
             self.encoders = [pipe.text_encoder, pipe.text_encoder_2]
             self.pads = [pipe.tokenizer.pad_token_id, pipe.tokenizer_2.pad_token_id]
             if kind == "sd3":
                 self.joint_dim = pipe.transformer.config.joint_attention_dim
                 self.t5_tokens = 256  # StableDiffusion3Pipeline's default max_sequence_length
-        elif kind == "flux":
-            raise EraseError("token-level work (attacks) reads CLIP tokens; FLUX's token condition is T5's alone (CLIP "
-                             "enters only pooled), whose own tokens an attack on CLIP ids cannot drive: not supported "
-                             "for FLUX yet")
-        else:
-            raise EraseError(f"a {kind} model has no text encoder")
         self.widths = [e.get_input_embeddings().weight.shape[1] for e in self.encoders]
 
     def with_encoders(self, encoders: list[nn.Module]) -> TextStack:

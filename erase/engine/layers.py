@@ -78,6 +78,14 @@ class LayerMap:
         """Whether the denoiser has text attention at all (False for a class-conditional UNet)."""
         return bool(self.text_attention)
 
+    def recording_problem(self) -> str | None:
+        """Why text-token attention cannot be recorded on this family (Forget-Me-Not), or None."""
+        if self.reads_text and not self.records_attention:
+            return (f"recording text-token attention is not supported yet for {self.family} denoisers: diffusers' "
+                    "joint attention processors expose no attention probabilities (erase.diffusion.layers says what "
+                    "is missing)")
+        return None
+
     def is_text_attention(self, name: str) -> bool:
         """Whether a parameter or module name lies in text attention."""
         return _find(name, self.text_attention)

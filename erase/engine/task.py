@@ -46,6 +46,11 @@ class TaskConfig:
         without loading it (methods use this to refuse early, and ``check_task`` again on the built task)."""
         return None
 
+    def layer_family(self) -> LayerMap | None:
+        """The layer map of the base model's architecture, told from its files before anything loads (methods
+        refuse a family early with it); None when that cannot be told without loading."""
+        return None
+
     def trains_adapters(self) -> bool:
         """Whether the run trains adapters (LoRA) rather than the model's own weights."""
         return False

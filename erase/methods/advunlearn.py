@@ -132,6 +132,7 @@ class AdvUnlearn(Method):
     NO_TEXT = "advunlearn trains the text encoder; a class-conditional DDPM reads no text: use esd-u, salun, rl or ga"
     NO_LORA = ("advunlearn trains the text encoder's own weights; LoRA (--save-format lora, --lora-rank) holds UNet "
                "adapters only: use --save-format pipeline or delta (both carry the trained text encoder)")
+    NO_TOKENS = "advunlearn trains the CLIP text encoders on adversarial token embeddings: {problem}"
 
     def __init__(self, config: AdvUnlearnConfig):
         super().__init__(config)
@@ -144,13 +145,16 @@ class AdvUnlearn(Method):
             raise EraseError(self.NO_TEXT)
         if task_cfg.trains_adapters():
             raise EraseError(self.NO_LORA)
+        problem = getattr(task_cfg, "token_access_problem", lambda: None)()
+        if problem:
+            raise EraseError(self.NO_TOKENS.format(problem=problem))
 
     def check_task(self, task):
         if not task.has_cross_attention:
             raise EraseError(self.NO_TEXT)
         problem = task.token_access_problem() if hasattr(task, "token_access_problem") else None
         if problem:
-            raise EraseError(f"advunlearn trains the CLIP text encoders on adversarial token embeddings: {problem}")
+            raise EraseError(self.NO_TOKENS.format(problem=problem))
         if task.trains_adapters:
             raise EraseError(self.NO_LORA)
 

@@ -41,6 +41,10 @@ class ForgetMeNot(Method):
     def check_task_config(self, task_cfg):
         if task_cfg.model_has_cross_attention() is False:
             raise EraseError(self.DDPM_ERROR)
+        lmap = task_cfg.layer_family()
+        problem = lmap.recording_problem() if lmap is not None else None
+        if problem:
+            raise EraseError(f"fmn re-steers the attention it records: {problem}")
 
     def check_task(self, task):
         if not task.has_cross_attention:

@@ -87,6 +87,18 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def edit_problem(lmap: LayerMap, edit: str) -> str | None:
+    """Why the closed form cannot edit ``edit`` ("kv" / "v") on ``lmap``'s family, or None."""
+    if lmap.reads_text and not lmap.kv_read_text_embedding:
+        if not lmap.text_inputs:
+            return (f"the closed-form edit needs layers that read the text encoder's output; a {lmap.family} "
+                    "denoiser's layer map names none (not supported)")
+        if edit == "v":
+            return (f"--edit v edits value projections that read the text embedding; a {lmap.family} denoiser has none "
+                    "(its context embedder feeds keys and values alike): use --edit kv")
+    return None
+
+
 def kv_projections(lmap: LayerMap, model: nn.Module, edit: str) -> list[tuple[str, nn.Linear]]:
     """The projections of ``model`` that the closed form edits (keys and values, or values), in module order, as its
     layer map ``lmap`` (``DenoisingTask.layer_map``) names them.
@@ -95,13 +107,10 @@ def kv_projections(lmap: LayerMap, model: nn.Module, edit: str) -> list[tuple[st
     encoder's output itself (the layer map's ``kv_read_text_embedding``). Where keys and values read a text stream
     that blocks update (SD3 / FLUX), the layers that read the encoders' output are the map's ``text_inputs`` (the
     context embedder): the edit goes there (module docstring)."""
+    problem = edit_problem(lmap, edit)
+    if problem:
+        raise EraseError(problem)
     if lmap.reads_text and not lmap.kv_read_text_embedding:
-        if not lmap.text_inputs:
-            raise EraseError(f"the closed-form edit needs layers that read the text encoder's output; a {lmap.family} "
-                             "denoiser's layer map names none (not supported)")
-        if edit == "v":
-            raise EraseError(f"--edit v edits value projections that read the text embedding; a {lmap.family} denoiser "
-                             "has none (its context embedder feeds keys and values alike): use --edit kv")
         return lmap.linear_layers(model, lmap.text_inputs)
     found = lmap.text_projections(model, ("k", "v") if edit == "kv" else ("v",))
     if not found:
@@ -133,6 +142,10 @@ class _ClosedForm(Method):
             raise self._no_cross_attention()
         if task_cfg.trains_adapters():
             raise self._adapters()
+        lmap = task_cfg.layer_family()
+        problem = edit_problem(lmap, self.config.edit) if lmap is not None else None
+        if problem:
+            raise EraseError(problem)
 
     def check_task(self, task) -> None:
         if not task.has_cross_attention:
