@@ -63,7 +63,8 @@ REGENERATE = {
 CHECK = "python -m erase.zoo check   # quality numbers below; --quick for a smoke run"
 
 
-def model_kind(model_dir: Path) -> str:
+def card_kind(model_dir: Path) -> str:
+    """The card template of a bundled model: "sd", "flow" (SD3-shaped), "ddpm" or "classifier"."""
     index = model_dir / "model_index.json"
     if index.is_file():
         return {"StableDiffusionPipeline": "sd", "StableDiffusion3Pipeline": "flow"}.get(
@@ -122,7 +123,7 @@ def _quality_section(kind: str, q: dict) -> list[str]:
 def render(model_dir: str | Path) -> str:
     model_dir = Path(model_dir)
     card = json.loads((model_dir / "card.json").read_text()) if (model_dir / "card.json").is_file() else {}
-    kind = model_kind(model_dir)
+    kind = card_kind(model_dir)
     name, intro, usage = INTRO[kind]
     lines = [f"# {name}", "", intro, "", "## Data", "", DATA, ""]
     if kind in ("sd", "flow"):
