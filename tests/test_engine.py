@@ -91,6 +91,20 @@ def test_parameter_mask_rejects_wrong_shapes():
         ParameterMask(model, {"nope": torch.ones(3, dtype=torch.bool)})
 
 
+def test_whole_tensor_masks_freeze_or_train_without_copies():
+    """A 0-dim mask (ESD / FMN / CA train whole layers) freezes or keeps a tensor without a per-coordinate copy."""
+    from erase.engine.masking import whole
+
+    model = toy_model()
+    names = [n for n, _ in model.named_parameters()]
+    masker = ParameterMask(model, {names[0]: whole(False), names[1]: whole(True)})
+    params = dict(model.named_parameters())
+    assert not params[names[0]].requires_grad and params[names[1]].requires_grad
+    assert masker._entries == []  # nothing to copy back or to multiply
+    masker.release()
+    assert params[names[0]].requires_grad
+
+
 def test_gradient_accumulation_matches_big_batch(tmp_path):
     big, _ = _run(tmp_path / "a", MethodConfig(batch_size=16, max_steps=5, lr=0.1, weight_decay=0.0, momentum=0.0))
     acc, _ = _run(tmp_path / "b", MethodConfig(batch_size=8, max_steps=5, lr=0.1, weight_decay=0.0, momentum=0.0),

@@ -18,7 +18,7 @@ so on a 24 GB machine most method rows are over the memory budget. These rows (`
   the mean stop 24 more ``forward_s`` (x2 with guidance).
 
 Not included, compared with the method rows: the text encoders and VAE (frozen; their weights add
-4 B per parameter), ESD's teacher copy (4 B x the denoiser without LoRA), its setup masks, the prompt
+4 B per parameter), ESD's teacher copy (4 B x the denoiser without LoRA), the prompt
 table.
 """
 

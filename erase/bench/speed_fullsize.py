@@ -500,7 +500,7 @@ def _family_report(s: dict) -> list[str]:
     d = p[s["denoiser"]]
     lines += ["", f"`den:` rows hold the denoiser alone (`erase/bench/speed_denoiser.py`); erase's own run adds the "
               f"text encoders and VAE ({4 * (sum(p.values()) - d) / GIB:.2f} GiB in fp32), with full-weight ESD the "
-              f"teacher copy ({4 * d / GIB:.2f} GiB) and its setup masks ({d / GIB:.2f} GiB); an ESD iteration stopped "
+              f"teacher copy ({4 * d / GIB:.2f} GiB); an ESD iteration stopped "
               "at x_T costs about `esd_step_estimate` = step + 2 forwards (the teacher's two predictions).", ""]
     lines += ["Estimates (bytes per parameter; `erase/bench/speed_memory.py`):", ""]
     lines += [f"- {name}: {e['estimate']['arithmetic']}" for name, e in s["measurements"].items()]

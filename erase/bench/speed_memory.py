@@ -9,10 +9,9 @@ that a wrong estimate fails the measurement, not the machine. The terms, in byte
 * ``weights`` 4 P — erase loads every component in fp32 (text encoders and VAE stay resident);
 * ``teacher`` 4 D — ESD on full weights keeps a frozen copy (``ctx.frozen_copy``; ``teacher_dtype``
   auto is fp32 on CPU); with LoRA the teacher is the same model with its adapters off: 0;
-* ``masks`` — ESD: one bool per parameter (1 D, ``parameter_masks``, also with LoRA: the base weights
-  are parameters too), held while the engine plans the run, then dropped (so they count in a *setup*
-  peak, against the *step* peak's gradients, optimiser state and activations: the larger counts);
-  SalUn: its setup holds the saliency gradients and scores (8 D), its step 1 D of masks and 4 D of
+* ``masks`` — ESD: none since its masks became one 0-dim bool per tensor (``engine.masking.whole``);
+  until 2026-12-05 one bool per parameter (1 D, counted only with ``masks_held``: the SD-1.4
+  measurements were taken with them); SalUn: its setup holds the saliency gradients and scores (8 D), its step 1 D of masks and 4 D of
   frozen values (``ParameterMask`` copies every partially masked tensor, which a global top-50 %
   makes nearly all);
 * ``grads`` 4 Tr, ``adam`` 8 Tr (two fp32 moments);
@@ -119,9 +118,8 @@ def estimate_step(params: dict[str, int], denoiser: str, method: str, trained: i
 
     ``params``: parameters per loaded component; ``denoiser``: which of them trains; ``trained``: Tr;
     ``activations``: GiB from :func:`saved_activations`; ``prompt_bytes``: the task's table of encoded
-    prompts; ``masks_held``: ESD's masks kept through the step (as the SD-1.4 measurements did). ESD's
-    masks live while the engine plans (they are dropped once ``ParameterMask`` has frozen the untrained
-    tensors), SalUn's for the whole run."""
+    prompts; ``masks_held``: ESD's former per-parameter masks kept through the step (as the SD-1.4
+    measurements were taken; ESD's masks are 0-dim now). SalUn's masks live for the whole run."""
     d, p = params[denoiser], sum(params.values())
     e = Estimate()
     e.add("weights", _g(4 * p), f"4 B x {fmt_count(p)} loaded")
@@ -130,8 +128,8 @@ def estimate_step(params: dict[str, int], denoiser: str, method: str, trained: i
     if prompt_bytes:
         e.add("prompts", _g(prompt_bytes), "the task's encoded prompt table, fp32")
     e.add("base", BASE_GIB, "interpreter and libraries")
-    if method.startswith("esd"):
-        e.add("masks", _g(d), f"bool mask of every parameter, 1 B x {fmt_count(d)}", "" if masks_held else "setup")
+    if method.startswith("esd") and masks_held:
+        e.add("masks", _g(d), f"bool mask of every parameter, 1 B x {fmt_count(d)} (erase before 2026-12-05)")
     if method == "salun":
         e.add("saliency", _g(8 * d) + activations, f"gradients 4 B + scores 4 B, x {fmt_count(d)}, and activations", "setup")
         e.add("masks", _g(5 * d), f"bool mask 1 B + frozen values 4 B, x {fmt_count(d)}", "step")

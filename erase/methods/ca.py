@@ -24,8 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from erase.engine.masking import whole
 from erase.engine.method import Method, MethodConfig
 from erase.errors import EraseError
 from erase.fields import opt
@@ -77,7 +76,7 @@ class ConceptAblation(Method):
         if self.config.params == "full":
             return None
         kv = ctx.task.layer_map(ctx.model).text_key_value  # the cross-attention key and value projections
-        return {n: torch.full_like(p, kv(n) is not None, dtype=torch.bool) for n, p in ctx.model.named_parameters()}
+        return {n: whole(kv(n) is not None) for n, _ in ctx.model.named_parameters()}
 
     def losses(self, batch, ctx):
         b = batch["anchor"]

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from erase.engine.masking import whole
 from erase.engine.method import Method, MethodConfig, Phase
 from erase.errors import EraseError
 from erase.fields import below_minimum, opt
@@ -109,8 +110,7 @@ class _ESD(Method):
 
     def parameter_masks(self, ctx):
         text = ctx.task.layer_map(ctx.model).is_text_attention
-        masks = {n: torch.full_like(p, text(n) == self.train_cross_attention, dtype=torch.bool)
-                 for n, p in ctx.model.named_parameters()}
+        masks = {n: whole(text(n) == self.train_cross_attention) for n, _ in ctx.model.named_parameters()}
         if not any(m.any() for m in masks.values()):
             raise EraseError(f"{self.name}: the model has no parameters of the kind it trains")
         return masks

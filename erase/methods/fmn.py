@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from erase.engine.masking import whole
 from erase.engine.method import Method, MethodConfig
 from erase.errors import EraseError
 from erase.fields import opt
@@ -56,7 +57,7 @@ class ForgetMeNot(Method):
 
     def parameter_masks(self, ctx):
         text = ctx.task.layer_map(ctx.model).is_text_attention
-        return {n: torch.full_like(p, text(n), dtype=torch.bool) for n, p in ctx.model.named_parameters()}
+        return {n: whole(text(n)) for n, _ in ctx.model.named_parameters()}
 
     def losses(self, batch, ctx):
         b = batch["forget"]
