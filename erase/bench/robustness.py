@@ -112,7 +112,7 @@ def attack_cell(args, cell: dict) -> dict:
     for name in summary["attacks"]:
         data = json.loads((folder / "attacks" / name / "robustness.json").read_text())
         per_attack[name] = {**summary["attacks"][name], "seconds_per_prompt": data["seconds_total"] / data["prompts"],
-                            "budget": data["budget"]}
+                            "seconds_total": data["seconds_total"], "budget": data["budget"]}
     return {**record, "status": "done", "path": str(folder), "prompts": summary["prompts"],
             "pre_asr": summary["pre_asr"], "attacks": per_attack, "union": summary["union"],
             "wall_s": round(time.perf_counter() - t0, 2)}
@@ -192,8 +192,11 @@ def markdown(rows: list[dict], targets: list[dict], attacks: list[str], meta: di
              f"ASR under {_count(len(attacks))} attacks", "",
              f"- command: `{meta['command']}`",
              f"- machine: {meta['machine']} per process",
-             f"- wall time: {fmt_duration(meta['cells_wall_s'])} summed over the cells (erasure read back or run, "
-             f"then the attacks); this invocation {fmt_duration(meta['wall_s'])}",
+             (f"- attack time: {fmt_duration(meta['attack_s'])}, the per-prompt attack times recorded in the cells "
+              "(whichever invocation ran them; the erasure runs' own times are in the diffusion report); "
+              if "attack_s" in meta else
+              f"- wall time: {fmt_duration(meta['cells_wall_s'])} summed over the cells (erasure read back or run, "
+              "then the attacks); ") + f"this invocation {fmt_duration(meta['wall_s'])}",
              f"- attack prompts: {meta['prompts']} per concept (every {meta['stride']}th row of the concept prompt "
              "and its held-out paraphrases, fixed seeds); judge `fmnist-classifier` top-1 = the concept",
              f"- budgets (the model's erase.yaml, reduced from the official SD budgets): {budgets}",
@@ -300,6 +303,9 @@ def main(argv=None) -> int:
     meta = {"command": "python -m erase.bench.robustness " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": describe_machine({**machine_info(), "torch_threads": args.threads}),
             "wall_s": time.perf_counter() - t0, "cells_wall_s": sum(r.get("wall_s", 0.0) for r in records),
+            # Each prompt's record keeps its attack time, whichever invocation ran it (a read-back cell's wall_s
+            # is only the reading).
+            "attack_s": sum(a.get("seconds_total", 0.0) for r in records for a in r.get("attacks", {}).values()),
             "prompts": records[0].get("prompts") if records else 0, "stride": args.stride,
             "model": args.model, "seeds": args.seeds,
             "three_seeds": args.three_seeds, "budgets": {n: a["budget"] for n, a in budgets.items()},
