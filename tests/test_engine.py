@@ -101,6 +101,11 @@ def test_whole_tensor_masks_freeze_or_train_without_copies():
     params = dict(model.named_parameters())
     assert not params[names[0]].requires_grad and params[names[1]].requires_grad
     assert masker._entries == []  # nothing to copy back or to multiply
+    from erase.engine.masking import trainable_coordinates
+
+    p0, p1 = params[names[0]], params[names[1]]
+    assert trainable_coordinates(whole(True), p1) == p1.numel() and trainable_coordinates(whole(False), p0) == 0
+    assert trainable_coordinates(torch.tensor([True, False, True]), torch.zeros(3)) == 2
     masker.release()
     assert params[names[0]].requires_grad
 

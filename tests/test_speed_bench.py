@@ -76,6 +76,8 @@ def test_fullsize_families_tiny_rows_refusals_and_merge(tmp_path):
             assert "error" not in r, (family, name, r.get("error"))
             assert r["main_s"] > 0 and r["peak_rss_gb"] > 0 and r["trainable_params"] > 0
         assert "bfloat16" in rows["esd-x+bf16"]["result"]["autocast_dtypes"]  # autocast really ran in bf16
+        # counted in coordinates, also where the masks speak for whole tensors
+        assert rows["esd-x"]["result"]["trainable_params"] == section["text_attention_params"]
         assert "bfloat16" in rows["den:esd-x+bf16"]["result"]["autocast_dtypes"]
         assert rows["esd-u+lora+gc"]["result"]["lora_rank"] == 4
         assert "saliency mask" in rows["salun+lora"]["refused"] and "result" not in rows["salun+lora"]

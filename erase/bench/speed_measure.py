@@ -24,7 +24,7 @@ import torch
 
 from erase.diffusion.task import DiffusionConfig, DiffusionTask
 from erase.engine import RunContext
-from erase.engine.masking import ParameterMask
+from erase.engine.masking import ParameterMask, trainable_coordinates
 from erase.engine.optim import build_optimizer
 from erase.engine.streams import Stream, move_to
 from erase.methods import get_method
@@ -176,7 +176,7 @@ def measure_step(model_dir: Path, out: Path, name: str, gradient_checkpointing: 
         masks = method.parameter_masks(ctx)
         masker = ParameterMask(model, masks) if masks else None
     params = dict(model.named_parameters())
-    trainable = (sum(int(m.sum()) for n, m in masks.items() if params[n].requires_grad) if masks
+    trainable = (sum(trainable_coordinates(m, params[n]) for n, m in masks.items() if params[n].requires_grad) if masks
                  else sum(p.numel() for p in model.parameters() if p.requires_grad))
     del masks, params  # as in the engine (Trainer.plan): the masks are dropped once the masker has them
     optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)

@@ -22,6 +22,11 @@ def whole(trainable: bool) -> torch.Tensor:
     return torch.tensor(bool(trainable))
 
 
+def trainable_coordinates(mask: torch.Tensor, param: torch.Tensor) -> int:
+    """How many of ``param``'s coordinates ``mask`` lets train (a 0-dim mask speaks for all of them)."""
+    return int(mask.count_nonzero()) * (param.numel() if mask.dim() == 0 else 1)
+
+
 class ParameterMask:
     """``masks`` maps parameter names to bool or float tensors of the parameter's shape."""
 
