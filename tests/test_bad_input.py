@@ -331,6 +331,8 @@ CLASSIFIER_RANGES = [
     (["--mask-fraction", "0"], ["--mask-fraction must be in (0, 1]"]),
     (["--method", "salun_soft", "--prox-ratio", "2"], ["--prox-ratio must be in [0, 1]"]),
     (["--method", "grad_reinit", "--retain-subset", "-1"], ["--retain-subset must be >= 0"]),
+    (["--retain-epochs", "2", "--pairing", "joint"], ["--retain-epochs applies to sequential", "--pairing joint"]),
+    (["--method", "rl", "--retain-epochs", "2", "--max-steps", "5"], ["--retain-epochs", "(--max-steps)"]),
 ]
 
 
@@ -363,6 +365,8 @@ DIFFUSION_RANGES = [
     (["--method", "esd-u", "--ddim-steps", "1"], ["--ddim-steps must be at least 2"]),
     (["--method", "esd-u", "--max-steps", "0"], ["--max-steps must be at least 1"]),
     (["--method", "salun", "--save-format", "lora"], ["salun's saliency mask"]),
+    # diffusion pairs forget and retain batches in every step: retain_epochs would be ignored silently
+    (["--method", "salun", "--retain-epochs", "2"], ["--retain-epochs applies to sequential", "--pairing auto"]),
     (["--forget-images", "/no/such/folder"], ["--forget-images /no/such/folder is not a folder"]),
 ]
 

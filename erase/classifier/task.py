@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch.nn import functional as F
@@ -23,6 +24,7 @@ from erase.metrics.classifier import unlearning_metrics
 
 @dataclass
 class ClassifierConfig(TaskConfig):
+    task_name: ClassVar[str] = "classifier"
     dataset: str = opt("fashion-mnist", "dataset: fashion-mnist, cifar10, cifar100 or face-age")
     data_root: str = opt("", "folder holding the dataset (default: Debian's Fashion-MNIST path, or ./data)")
     download: bool = opt(False, "download the dataset with torchvision if it is missing")

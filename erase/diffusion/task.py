@@ -17,6 +17,7 @@ import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch.nn import functional as F
@@ -60,6 +61,7 @@ from erase.storage import model_settings
 
 @dataclass
 class DiffusionConfig(TaskConfig):
+    task_name: ClassVar[str] = "diffusion"
     model: str = opt("fmnist-tiny-sd", "base model: a bundled name (fmnist-tiny-sd, fmnist-ddpm), a diffusers folder, "
                      "a .safetensors/.ckpt file or a hub id (the only case that uses the network)")
     original_config: str = opt("", "for a single .ckpt/.safetensors file offline: the model's original inference YAML")

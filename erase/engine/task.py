@@ -30,6 +30,8 @@ from erase.engine.streams import DataView
 class TaskConfig:
     """What the runner reads from a task's config before the task exists."""
 
+    task_name: ClassVar[str] = ""  # the task's registry name, for methods whose defaults depend on it
+
     def label(self) -> str:
         """A short name of what is being erased, for the default output folder."""
         return "run"

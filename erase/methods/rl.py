@@ -13,6 +13,7 @@ epochs, constant lr.
 from dataclasses import dataclass
 
 from erase.engine.method import Method, MethodConfig, Phase
+from erase.errors import EraseError
 from erase.fields import opt
 from erase.registry import register_method
 
@@ -35,13 +36,23 @@ class RandomLabel(Method):
     streams = ("forget", "retain")
     default_weights = {"forget_relabeled": 1.0, "retain_loss": 1.0}
 
-    def _pairing(self, ctx) -> str:
-        if self.config.pairing != "auto":
-            return self.config.pairing
-        return "sequential" if ctx.task.name == "classifier" else "joint"
+    def _joint(self, task_name: str) -> bool:
+        """Whether forget and retain batches share each step (else: sequential passes per epoch)."""
+        pairing = self.config.pairing
+        if pairing == "auto":
+            pairing = "sequential" if task_name == "classifier" else "joint"
+        return pairing == "joint" or self.config.max_steps > 0
+
+    def check_task_config(self, task_cfg):
+        # retain_epochs shapes sequential passes only: a joint run would ignore it silently.
+        if self.config.retain_epochs != RLConfig.retain_epochs and self._joint(task_cfg.task_name):
+            why = "--max-steps" if self.config.max_steps > 0 else f"--pairing {self.config.pairing}"
+            raise EraseError(f"--retain-epochs applies to sequential forget/retain passes; this run pairs forget and "
+                             f"retain batches in every step ({why}): pass --pairing sequential without --max-steps, "
+                             "or drop --retain-epochs")
 
     def phases(self, ctx):
-        if self._pairing(ctx) == "joint" or self.config.max_steps > 0:
+        if self._joint(ctx.task.name):
             return [Phase("train", self.steps_for(ctx, "forget"), ("forget", "retain"))]
         epochs = max(1, round(self.config.epochs))
         per_forget = self.steps_for(ctx, "forget", 1.0)

@@ -43,6 +43,7 @@ class SalUn(RandomLabel):
                   "(--lora-rank 0, --save-format pipeline or delta)")
 
     def check_task_config(self, task_cfg):
+        super().check_task_config(task_cfg)
         if task_cfg.trains_adapters():
             raise EraseError(self.LORA_ERROR)
 
