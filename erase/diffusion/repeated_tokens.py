@@ -43,8 +43,8 @@ class RepeatedTokensJointAttnProcessor:
 def use_repeated_tokens(transformer) -> bool:
     """Install the processor on every attention of ``transformer`` when all of them run diffusers' default SD3
     processor (anything else is left alone); whether it is installed now."""
-    processors = transformer.attn_processors.values()
-    if processors and all(type(p) is type(_default_processor()) for p in processors):
+    processors, default = transformer.attn_processors.values(), type(_default_processor())
+    if processors and all(type(p) is default for p in processors):
         transformer.set_attn_processor(RepeatedTokensJointAttnProcessor())
     return counts_repeats(transformer)
 
